@@ -1,0 +1,132 @@
+"""SentencePiece tokenizer with the special pieces the objectives need.
+
+Piece layout written by `tools/train_tokenizer.py` (and expected here):
+
+  id 0 `[PAD]`, id 1 `<unk>`, id 2 `<s>` (BOS), id 3 `</s>` (EOS),
+  then the control symbols `[CLS]`, `[SEP]`, `[MASK]`.
+
+Control symbols are never produced by encoding text: a corpus containing the string
+"[MASK]" yields ordinary pieces, never the mask id.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_PIECE = "[PAD]"
+UNK_PIECE = "<unk>"
+BOS_PIECE = "<s>"
+EOS_PIECE = "</s>"
+CONTROL_PIECES = ("[CLS]", "[SEP]", "[MASK]")
+WORD_START = "\u2581"  # SentencePiece's word-boundary marker
+
+
+class Tokenizer:
+    """A loaded SentencePiece model and the ids of its special pieces."""
+
+    def __init__(self, model_path: str):
+        if not os.path.exists(model_path):
+            raise FileNotFoundError(
+                f"VOCAB {model_path!r} does not exist. Train one with "
+                "`python tools/train_tokenizer.py --input=SPEC --vocab_size=N --output=PREFIX` "
+                "and pass --gin.VOCAB=\"'PREFIX.model'\".")
+        self.path = model_path
+        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.vocab_size: int = self.sp.get_piece_size()
+        self.pad_id = self._special(PAD_PIECE, self.sp.pad_id())
+        self.unk_id = self.sp.unk_id()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self.cls_id = self._special("[CLS]")
+        self.sep_id = self._special("[SEP]")
+        self.mask_id = self._special("[MASK]")
+
+    def _special(self, piece: str, fallback: int = -1) -> int:
+        pid = self.sp.piece_to_id(piece)
+        if pid == self.sp.unk_id() and piece != UNK_PIECE:
+            return fallback
+        return pid
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that are never real text (pad, unk excluded, bos, eos, cls, sep, mask)."""
+        ids = {self.pad_id, self.bos_id, self.eos_id, self.cls_id, self.sep_id, self.mask_id}
+        return frozenset(i for i in ids if i >= 0)
+
+    def require_special(self, *names: str) -> None:
+        """Raise a clear error if this model lacks one of the named special pieces."""
+        missing = [n for n in names if getattr(self, f"{n}_id") < 0]
+        if missing:
+            raise ValueError(
+                f"SentencePiece model {self.path!r} has no {', '.join(missing)} piece(s), "
+                "which this objective needs. Retrain it with tools/train_tokenizer.py, which "
+                f"adds {PAD_PIECE}, {BOS_PIECE}, {EOS_PIECE} and {', '.join(CONTROL_PIECES)}.")
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, out_type=int)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        return self.sp.decode([i for i in ids if i not in self.special_ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    @functools.cached_property
+    def word_start_mask(self) -> np.ndarray:
+        """bool[vocab]: True where a piece starts a new word (leading '▁') or is special.
+
+        Whole-word masking groups a word-start piece with the continuation pieces after it.
+        """
+        out = np.zeros(self.vocab_size, dtype=bool)
+        for i in range(self.vocab_size):
+            if self.sp.is_control(i) or self.sp.is_unknown(i):
+                out[i] = True
+            else:
+                out[i] = self.sp.id_to_piece(i).startswith(WORD_START)
+        return out
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(model_path: str) -> Tokenizer:
+    return Tokenizer(model_path)
+
+
+def train_sentencepiece(sentences, output_prefix: str, vocab_size: int, *,
+                        model_type: str = "unigram", character_coverage: float = 1.0,
+                        input_sentence_size: int = 2_000_000) -> Tokenizer:
+    """Trains a SentencePiece model with this project's special-piece layout.
+
+    Args:
+      sentences: an iterable of training strings (documents or lines).
+      output_prefix: writes `PREFIX.model` and `PREFIX.vocab`.
+      vocab_size: total pieces, specials included.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=output_prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        seed_sentencepiece_size=1_000_000,
+        pad_id=0, pad_piece=PAD_PIECE,
+        unk_id=1, unk_piece=UNK_PIECE,
+        bos_id=2, bos_piece=BOS_PIECE,
+        eos_id=3, eos_piece=EOS_PIECE,
+        control_symbols=list(CONTROL_PIECES),
+        max_sentence_length=1 << 16,
+        train_extremely_large_corpus=False,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    return Tokenizer(output_prefix + ".model")

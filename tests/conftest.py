@@ -1,0 +1,35 @@
+"""Shared fixtures. Eight simulated CPU devices are set before jax is imported."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import glob
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+AUSTEN = sorted(glob.glob(str(ROOT / "data" / "austen" / "*.txt")))
+
+
+def austen_paragraphs(limit: int | None = None) -> list[str]:
+    """Paragraphs (blank-line separated) of the bundled Austen novels, in file order."""
+    out = []
+    for path in AUSTEN:
+        text = pathlib.Path(path).read_text(encoding="utf-8")
+        out.extend(p.strip() for p in text.split("\n\n") if p.strip())
+        if limit and len(out) >= limit:
+            return out[:limit]
+    return out
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory) -> str:
+    """Path of a small SentencePiece model (1000 pieces) trained on Austen."""
+    from research.data.tokenizer import train_sentencepiece
+    prefix = str(tmp_path_factory.mktemp("sp") / "austen1k")
+    train_sentencepiece(austen_paragraphs(4000), prefix, vocab_size=1000)
+    return prefix + ".model"
