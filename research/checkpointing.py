@@ -1,0 +1,105 @@
+"""Orbax checkpoints of the train state, data position and RNG.
+
+Layout: `DIR/checkpoints/<step>/{params,opt_state,extra}`. `params` and `opt_state` are
+sharded arrays (each host writes its shards; restore reshards onto whatever mesh the target
+shardings describe); `extra` is JSON: step, RNG key data and every process's data-iterator
+state. Orbax writes each step to a temporary directory and renames it when complete, so an
+interrupted save is never restored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the target shardings (what restore should produce)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def allgather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-serialisable `obj`, in process order (a no-op list on one process)."""
+    if jax.process_count() == 1:
+        return [obj]
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    size = multihost_utils.process_allgather(np.array([raw.size], np.int32))
+    padded = np.zeros(int(size.max()), np.uint8)
+    padded[: raw.size] = raw
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(gathered, size.reshape(-1))]
+
+
+class Checkpointer:
+    """Saves every `save_every` steps (and when forced), keeps the last `keep`, async if asked."""
+
+    def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(1, int(save_every)), max_to_keep=keep,
+            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("params", "opt_state", "extra"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: dict[str, Any], data_state: Any, *, force: bool = False) -> bool:
+        """Saves at `step` if it is a save step (or `force`). Collective: call on every process."""
+        if not force and not self.manager.should_save(step):
+            return False
+        extra = {"step": int(step),
+                 "rng": np.asarray(jax.random.key_data(state["rng"])).tolist(),
+                 "data_state": allgather_json(data_state),
+                 "process_count": jax.process_count()}
+        return self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]),
+            opt_state=ocp.args.StandardSave(state["opt_state"]),
+            extra=ocp.args.JsonSave(extra)), force=force)
+
+    def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """Restores the state onto the shardings of `abstract_state`; returns (state, data_state)."""
+        logging.info("restoring checkpoint %d from %s", step, self.directory)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state["params"]),
+            opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+            extra=ocp.args.JsonRestore()))
+        extra = restored["extra"]
+        rng_sharding = abstract_state["rng"].sharding
+        rng = jax.device_put(jax.random.wrap_key_data(np.asarray(extra["rng"], np.uint32)), rng_sharding)
+        step_arr = jax.device_put(np.asarray(extra["step"], np.int32), abstract_state["step"].sharding)
+        state = {"step": step_arr, "params": restored["params"],
+                 "opt_state": restored["opt_state"], "rng": rng}
+        data_states = extra["data_state"]
+        data_state = None
+        if len(data_states) == jax.process_count():
+            data_state = data_states[jax.process_index()]
+        else:
+            logging.warning("checkpoint was written by %d processes, this run has %d: the data "
+                            "iterator restarts from its seed-determined start of the run position.",
+                            len(data_states), jax.process_count())
+        return state, data_state
+
+    def restore_params(self, step: int | None, abstract_params: Any) -> Any:
+        """Restores only the parameters (generation, fine-tuning)."""
+        step = self.latest_step() if step is None else step
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))
+        return restored["params"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

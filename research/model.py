@@ -1,0 +1,455 @@
+"""One transformer stack for decoders (GPT) and encoders (BERT).
+
+Pure flax.linen: `init`/`apply`, no hidden state. Every parameter carries logical axis names
+(`research.partitioning` maps them onto the mesh) and every large activation is constrained
+with logical names too. The GPT decoder and the BERT encoder are the same `TransformerStack`;
+only `TransformerConfig.causal` (the attention mask) and the embedding extras differ.
+
+Logical axes
+  parameters:  vocab, embed, mlp, heads, kv_heads, head_dim, layers (scan), type_vocab, position
+  activations: act_batch, act_length, act_embed, act_mlp, act_heads, act_kv_heads, act_vocab
+
+Shapes: B batch, T query length, S key length, D d_model, N heads, K kv heads, H head_dim,
+F mlp width, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+Array = jax.Array
+
+ACTIVATIONS = ("gelu", "gelu_exact", "relu", "swiglu", "geglu")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rotary", "none")
+REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention", "offload")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture hyper-parameters. Model gin files bind these (`TransformerConfig.num_layers = 12`).
+
+    `vocab_size=None` takes the tokenizer's size (rounded up to `vocab_multiple`) at run time.
+    """
+
+    vocab_size: int | None = None
+    vocab_multiple: int = 128
+    num_layers: int = 2
+    d_model: int = 128
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None = num_heads (MHA); 1 = MQA; in between = GQA
+    head_dim: int | None = None  # None = d_model // num_heads
+    mlp_dim: int = 512
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_placement: str = "pre"  # "pre" (GPT-2) or "post" (BERT, original Transformer)
+    position: str = "learned"
+    max_len: int = 1024
+    rope_theta: float = 10_000.0
+    type_vocab_size: int = 0  # >0 adds token-type (segment) embeddings, as BERT does
+    embedding_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+    tie_embeddings: bool = True
+    use_bias: bool = True
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    init_std: float = 0.02
+    causal: bool = True
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    attention_impl: str | None = None  # None (JAX picks), "xla" or "cudnn"
+
+    def __post_init__(self):
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("position", self.position, POSITIONS)
+        _check_choice("norm_placement", self.norm_placement, ("pre", "post"))
+        _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"TransformerConfig.num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.kv_heads}.")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"TransformerConfig.d_model={self.d_model} is not divisible by "
+                             f"num_heads={self.num_heads}; set head_dim explicitly.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def with_vocab(self, tokenizer_vocab_size: int) -> "TransformerConfig":
+        """Fills `vocab_size` from the tokenizer (padded up to `vocab_multiple`) when unset."""
+        if self.vocab_size is not None:
+            if self.vocab_size < tokenizer_vocab_size:
+                raise ValueError(
+                    f"TransformerConfig.vocab_size={self.vocab_size} is smaller than the tokenizer's "
+                    f"{tokenizer_vocab_size} pieces; remove the binding to size it from VOCAB.")
+            return self
+        m = max(1, self.vocab_multiple)
+        return dataclasses.replace(self, vocab_size=-(-tokenizer_vocab_size // m) * m)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"TransformerConfig.{name}={value!r} is not one of {choices}.")
+
+
+def _dense_init(cfg: TransformerConfig, axes: tuple[str, ...], std: float | None = None):
+    return nn.with_logical_partitioning(nn.initializers.normal(std or cfg.init_std), axes)
+
+
+def _zeros(axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm over the last axis, statistics in float32."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+        if cfg.norm == "rmsnorm":
+            return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
+                              param_dtype=cfg.params_dtype, scale_init=scale_init)(x)
+        return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
+                            param_dtype=cfg.params_dtype, scale_init=scale_init,
+                            bias_init=_zeros(("embed",)), use_bias=True)(x)
+
+
+def rotary(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary position embedding (rotate-half convention). x: [B, T, N, H], positions: [B, T]."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, H/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(q_segments: Array, k_segments: Array, causal: bool,
+                   q_positions: Array | None = None, k_positions: Array | None = None) -> Array:
+    """bool[B, 1, T, S]: query t may attend key s.
+
+    Tokens attend only within their own segment (packed documents; padding is segment 0, so
+    padding attends padding and never real tokens). With `causal`, also only to keys at an
+    earlier or equal index (`q_positions`/`k_positions` are absolute indices, for decoding).
+    """
+    mask = q_segments[:, :, None] == k_segments[:, None, :]
+    if causal:
+        if q_positions is None:
+            q_positions = jnp.arange(q_segments.shape[1])[None]
+            k_positions = jnp.arange(k_segments.shape[1])[None]
+        mask &= q_positions[:, :, None] >= k_positions[:, None, :]
+    return mask[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads (MHA/GQA/MQA) and an optional KV cache.
+
+    In decode mode the `cache` collection holds key/value [B, S, K, H], the key segment ids
+    [B, S] and the write index; each call appends its T tokens and attends to all cached keys.
+    """
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array, segment_ids: Array, positions: Array, *,
+                 deterministic: bool, decode: bool = False) -> Array:
+        cfg = self.cfg
+        n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        dense = functools.partial(nn.DenseGeneral, dtype=cfg.compute_dtype,
+                                  param_dtype=cfg.params_dtype, use_bias=cfg.use_bias)
+        q = dense((n, h), kernel_init=_dense_init(cfg, ("embed", "heads", "head_dim")),
+                  bias_init=_zeros(("heads", "head_dim")), name="query")(x)
+        key = dense((k, h), kernel_init=_dense_init(cfg, ("embed", "kv_heads", "head_dim")),
+                    bias_init=_zeros(("kv_heads", "head_dim")), name="key")(x)
+        value = dense((k, h), kernel_init=_dense_init(cfg, ("embed", "kv_heads", "head_dim")),
+                      bias_init=_zeros(("kv_heads", "head_dim")), name="value")(x)
+        q = _constrain(q, ("act_batch", "act_length", "act_heads", None))
+        key = _constrain(key, ("act_batch", "act_length", "act_kv_heads", None))
+        value = _constrain(value, ("act_batch", "act_length", "act_kv_heads", None))
+        if cfg.position == "rotary":
+            q = rotary(q, positions, cfg.rope_theta)
+            key = rotary(key, positions, cfg.rope_theta)
+
+        q_index = k_index = None
+        k_segments = segment_ids
+        if decode:
+            key, value, k_segments, q_index, k_index = self._update_cache(key, value, segment_ids)
+        mask = attention_mask(segment_ids, k_segments, cfg.causal, q_index, k_index)
+        out = jax.nn.dot_product_attention(q, key, value, mask=mask,
+                                           implementation=cfg.attention_impl)
+        out = checkpoint_name(out, "attention_out")
+        out = _constrain(out, ("act_batch", "act_length", "act_heads", None))
+        if cfg.attention_dropout_rate and not deterministic:
+            # Dropout on the attention output (the fused kernel keeps no probabilities).
+            out = nn.Dropout(cfg.attention_dropout_rate)(out, deterministic=False)
+        out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype,
+                              param_dtype=cfg.params_dtype, use_bias=cfg.use_bias,
+                              kernel_init=_dense_init(cfg, ("heads", "head_dim", "embed")),
+                              bias_init=_zeros(("embed",)), name="out")(out)
+        return checkpoint_name(out, "matmul_out")
+
+    def _update_cache(self, key: Array, value: Array, segment_ids: Array):
+        b, t, k, h = key.shape
+        cfg = self.cfg
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, (b, cfg.max_len, k, h), key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, (b, cfg.max_len, k, h), value.dtype)
+        cached_seg = self.variable("cache", "cached_segment_ids", jnp.zeros, (b, cfg.max_len), jnp.int32)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if self.is_initializing():
+            return key, value, segment_ids, None, None
+        i = index.value
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, i, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, i, 0, 0))
+        cached_seg.value = jax.lax.dynamic_update_slice(
+            cached_seg.value, segment_ids.astype(jnp.int32), (0, i))
+        index.value = i + t
+        q_index = (i + jnp.arange(t))[None]
+        k_index = jnp.arange(cfg.max_len)[None]
+        # Slots not yet written hold segment 0 but sit after every query: the causal test hides them.
+        return cached_key.value, cached_value.value, cached_seg.value, q_index, k_index
+
+
+class Mlp(nn.Module):
+    """Feed-forward block: gelu/relu (one input matrix) or swiglu/geglu (gated, two)."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool) -> Array:
+        cfg = self.cfg
+        dense = functools.partial(nn.Dense, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                                  use_bias=cfg.use_bias)
+        up = functools.partial(dense, cfg.mlp_dim, kernel_init=_dense_init(cfg, ("embed", "mlp")),
+                               bias_init=_zeros(("mlp",)))
+        h = up(name="wi")(x)
+        if cfg.activation in ("swiglu", "geglu"):
+            gate = up(name="wg")(x)
+            act = nn.silu if cfg.activation == "swiglu" else functools.partial(nn.gelu, approximate=True)
+            h = act(gate) * h
+        elif cfg.activation == "relu":
+            h = nn.relu(h)
+        else:
+            h = nn.gelu(h, approximate=cfg.activation == "gelu")
+        h = checkpoint_name(h, "matmul_out")
+        h = _constrain(h, ("act_batch", "act_length", "act_mlp"))
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        out = dense(cfg.d_model, kernel_init=_dense_init(cfg, ("mlp", "embed")),
+                    bias_init=_zeros(("embed",)), name="wo")(h)
+        return checkpoint_name(out, "matmul_out")
+
+
+class Block(nn.Module):
+    """Attention + MLP with residuals, norm before (pre-LN) or after (post-LN) each."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array, segment_ids: Array, positions: Array,
+                 deterministic: bool, decode: bool = False) -> Array:
+        cfg = self.cfg
+        drop = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=deterministic)
+        attn = Attention(cfg, name="attention")
+        mlp = Mlp(cfg, name="mlp")
+        if cfg.norm_placement == "pre":
+            h = attn(Norm(cfg, name="attention_norm")(x), segment_ids, positions,
+                     deterministic=deterministic, decode=decode)
+            x = x + drop(h)
+            x = x + drop(mlp(Norm(cfg, name="mlp_norm")(x), deterministic=deterministic))
+        else:
+            h = attn(x, segment_ids, positions, deterministic=deterministic, decode=decode)
+            x = Norm(cfg, name="attention_norm")(x + drop(h))
+            x = Norm(cfg, name="mlp_norm")(x + drop(mlp(x, deterministic=deterministic)))
+        return _constrain(x, ("act_batch", "act_length", "act_embed"))
+
+
+def remat_policy(name: str) -> Callable[..., bool] | None:
+    """The `jax.checkpoint` policy for a named remat setting (None = save nothing)."""
+    policies = jax.checkpoint_policies
+    if name == "full":
+        return policies.nothing_saveable
+    if name == "save_matmuls":
+        return policies.save_only_these_names("matmul_out", "attention_out")
+    if name == "save_attention":
+        return policies.save_only_these_names("attention_out")
+    if name == "offload":
+        return policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=["matmul_out", "attention_out"],
+            offload_src="device", offload_dst="pinned_host")
+    raise ValueError(f"unknown remat policy {name!r}; choose one of {REMAT_POLICIES}")
+
+
+class _ScanBlock(nn.Module):
+    """A Block with the (carry, _) -> (carry, None) signature nn.scan needs."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, segment_ids, positions, deterministic, decode):
+        return Block(self.cfg, name="block")(x, segment_ids, positions, deterministic, decode), None
+
+
+class TransformerStack(nn.Module):
+    """Embeddings → num_layers Blocks → final norm. Causal or bidirectional by config.
+
+    Returns hidden states [B, T, D] (act_batch, act_length, act_embed).
+    """
+
+    cfg: TransformerConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.token_embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            embedding_init=_dense_init(cfg, ("vocab", "embed")), name="token_embed")
+        if cfg.position == "learned":
+            self.position_embed = nn.Embed(
+                cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                embedding_init=_dense_init(cfg, ("position", "embed")), name="position_embed")
+        if cfg.type_vocab_size:
+            self.type_embed = nn.Embed(
+                cfg.type_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                param_dtype=cfg.params_dtype,
+                embedding_init=_dense_init(cfg, ("type_vocab", "embed")), name="type_embed")
+        if cfg.embedding_norm:
+            self.embedding_norm = Norm(cfg, name="embedding_norm")
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+        block = _ScanBlock if cfg.scan_layers else Block
+        if cfg.remat_policy != "none":
+            # static_argnums count `self` as 0: (self, x, segment_ids, positions, deterministic, decode).
+            block = nn.remat(block, policy=remat_policy(cfg.remat_policy),
+                             prevent_cse=not cfg.scan_layers, static_argnums=(4, 5))
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        else:
+            self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        if cfg.norm_placement == "pre":
+            self.final_norm = Norm(cfg, name="final_norm")
+
+    def __call__(self, tokens: Array, *, segment_ids: Array | None = None,
+                 positions: Array | None = None, token_type_ids: Array | None = None,
+                 deterministic: bool = True, decode: bool = False) -> Array:
+        """tokens, segment_ids, positions, token_type_ids: int[B, T]. Returns [B, T, D]."""
+        cfg = self.cfg
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.token_embed(tokens)
+        if cfg.position == "learned":
+            x = x + self.position_embed(positions)
+        if cfg.type_vocab_size:
+            if token_type_ids is None:
+                token_type_ids = jnp.zeros_like(tokens)
+            x = x + self.type_embed(token_type_ids)
+        if cfg.embedding_norm:
+            x = self.embedding_norm(x)
+        x = self.dropout(x, deterministic=deterministic)
+        x = _constrain(x.astype(cfg.compute_dtype), ("act_batch", "act_length", "act_embed"))
+        if cfg.scan_layers:
+            x, _ = self.layers(x, segment_ids, positions, deterministic, decode)
+        else:
+            for layer in self.layers:
+                x = layer(x, segment_ids, positions, deterministic, decode)
+        if cfg.norm_placement == "pre":
+            x = self.final_norm(x)
+        return x
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model (GPT). `__call__` returns float32 logits [B, T, V]."""
+
+    cfg: TransformerConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.decoder = TransformerStack(cfg, name="decoder")
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                                    param_dtype=cfg.params_dtype,
+                                    kernel_init=_dense_init(cfg, ("embed", "vocab")), name="lm_head")
+
+    def __call__(self, tokens: Array, *, segment_ids: Array | None = None,
+                 positions: Array | None = None, deterministic: bool = True,
+                 decode: bool = False) -> Array:
+        x = self.hidden(tokens, segment_ids=segment_ids, positions=positions,
+                        deterministic=deterministic, decode=decode)
+        return self.project(x)
+
+    def hidden(self, tokens: Array, *, segment_ids: Array | None = None,
+               positions: Array | None = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
+        """Final hidden states [B, T, D] (before the output projection)."""
+        return self.decoder(tokens, segment_ids=segment_ids, positions=positions,
+                            deterministic=deterministic, decode=decode)
+
+    def project(self, x: Array) -> Array:
+        """Hidden states [B, T, D] -> float32 logits [B, T, V]."""
+        if self.cfg.tie_embeddings:
+            out = self.decoder.token_embed.attend(x)
+        else:
+            out = self.lm_head(x)
+        return _constrain(out.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+
+
+def count_params(params: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def analytic_param_count(cfg: TransformerConfig) -> int:
+    """Parameter count from the config alone (decoder stack; no task heads)."""
+    d, f, n, k, h, v = (cfg.d_model, cfg.mlp_dim, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head,
+                        cfg.vocab_size)
+    bias = cfg.use_bias
+    norm = 2 * d if cfg.norm == "layernorm" else d
+    attn = d * n * h + 2 * d * k * h + n * h * d + (bias and (n * h + 2 * k * h + d))
+    mats = 3 if cfg.activation in ("swiglu", "geglu") else 2
+    mlp = mats * d * f + (bias and ((mats - 1) * f + d))
+    layer = attn + mlp + 2 * norm
+    total = cfg.num_layers * layer + v * d
+    if cfg.position == "learned":
+        total += cfg.max_len * d
+    if cfg.type_vocab_size:
+        total += cfg.type_vocab_size * d
+    if cfg.embedding_norm:
+        total += norm
+    if cfg.norm_placement == "pre":
+        total += norm
+    if not cfg.tie_embeddings:
+        total += d * v
+    return int(total)
