@@ -1,0 +1,347 @@
+"""Packed causal-LM batches from a `DocumentSource`, identical for any process count.
+
+Each document is tokenised as `toks` and becomes the pair
+
+    inputs  = [BOS] + toks
+    targets = toks + [EOS]          # inputs[t] predicts targets[t]
+
+Row streams. The global batch has B = global_batch_size rows; row r of every global batch
+is filled by an independent row stream r. The (infinite) document order is the
+concatenation over epochs e = 0, 1, 2, ... of a permutation perm_e of range(N), drawn from
+`np.random.default_rng([seed, e])` (identity without shuffle). Row stream r consumes the
+documents at global positions r, r + B, r + 2B, ... of that order and packs their pairs
+greedily: a row is the contiguous token stream of its documents cut into windows of
+seq_len, so a document that does not fit continues in the row's next batch (as a new
+segment whose positions restart at 0, keeping its true previous token as input). Nothing
+is dropped.
+
+Host p of P owns rows [p*B/P, (p+1)*B/P) and reads only their documents, so concatenating
+the host batches of any P gives exactly the P=1 global batch.
+
+Resumption: `get_state()` is a small JSON-serialisable dict (per owned row: the next
+position index k and the token offset in the current document); `set_state` restores it,
+after which the iterator yields exactly what an uninterrupted one would have.
+
+Eval (repeat=False): one pass over the documents in order (no shuffle by default); a row
+that runs out yields padding; `.exhausted` turns True once every owned row is out, and
+all-padding batches keep coming, so every host can run the same number of steps.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+STATE_VERSION = 1
+_PERM_CACHE_SIZE = 4
+Batch = dict[str, np.ndarray]
+
+
+class TokenizerLike(Protocol):
+    """What the packer needs from a tokenizer (e.g. `research.data.tokenizer.Tokenizer`)."""
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+class CausalLMIterator:
+    """Iterator of packed causal-LM batches (see module docstring).
+
+    Each batch is a dict of numpy arrays of shape [global_batch_size // process_count,
+    seq_len]: `inputs` int32, `targets` int32, `weights` float32 (1 on real targets, 0 on
+    padding), `segment_ids` int32 (1, 2, ... per document piece in a row, 0 on padding),
+    `positions` int32 (position within the piece, from 0).
+    """
+
+    def __init__(self, source: Sequence[str], tokenizer: TokenizerLike, *, seq_len: int,
+                 global_batch_size: int, seed: int, process_index: int = 0,
+                 process_count: int = 1, repeat: bool = True, shuffle: bool | None = None,
+                 prefetch: int = 2):
+        _check_int("seq_len", seq_len, 1)
+        _check_int("global_batch_size", global_batch_size, 1)
+        _check_int("seed", seed, 0)
+        _check_int("process_count", process_count, 1)
+        _check_int("prefetch", prefetch, 0)
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} must be in [0, process_count="
+                             f"{process_count}).")
+        if global_batch_size % process_count:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not divisible by process_count="
+                f"{process_count}: every host must own the same number of rows. Choose a "
+                "global batch size that is a multiple of the number of processes.")
+        self.num_documents = len(source)
+        if self.num_documents == 0:
+            raise ValueError(f"Document source {getattr(source, 'name', source)!r} is empty; "
+                             "a causal-LM iterator needs at least one document.")
+        for attr in ("bos_id", "eos_id", "pad_id"):
+            if getattr(tokenizer, attr, -1) is None or getattr(tokenizer, attr, -1) < 0:
+                raise ValueError(
+                    f"Tokenizer has no {attr[:-3]} piece ({attr}={getattr(tokenizer, attr, None)})"
+                    "; retrain it with tools/train_tokenizer.py, which adds <s>, </s> and [PAD].")
+        self.source = source
+        self.tokenizer = tokenizer
+        self.seq_len = int(seq_len)
+        self.global_batch_size = int(global_batch_size)
+        self.seed = int(seed)
+        self.process_index = int(process_index)
+        self.process_count = int(process_count)
+        self.repeat = bool(repeat)
+        self.shuffle = self.repeat if shuffle is None else bool(shuffle)
+        self.prefetch = prefetch
+        per_host = global_batch_size // process_count
+        self.rows = np.arange(process_index * per_host, (process_index + 1) * per_host)
+        self._positions = np.arange(seq_len, dtype=np.int32)
+        self._perms: dict[int, np.ndarray] = {}
+        # Producer-side cursor: per owned row, next position index k and token offset.
+        self._k = np.zeros(per_host, dtype=np.int64)
+        self._off = np.zeros(per_host, dtype=np.int64)
+        self._pair_cache: list[tuple[int, np.ndarray, np.ndarray] | None] = [None] * per_host
+        # Consumer-side: state of the last yielded batch.
+        self._yielded = (self._k.copy(), self._off.copy())
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
+
+    # ----------------------------------------------------------------- document order
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_documents)
+            if len(self._perms) >= _PERM_CACHE_SIZE:
+                del self._perms[min(self._perms)]
+            self._perms[epoch] = perm
+        return perm
+
+    def document_index(self, row: int, k: int) -> int | None:
+        """Index into `source` of row stream `row`'s k-th document (None: eval pass over)."""
+        g = row + k * self.global_batch_size
+        epoch, j = divmod(g, self.num_documents)
+        if epoch > 0 and not self.repeat:
+            return None
+        return int(self._perm(epoch)[j]) if self.shuffle else j
+
+    def _pair(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(inputs, targets) int32[len(toks) + 1] of owned row i's current document."""
+        k = int(self._k[i])
+        cached = self._pair_cache[i]
+        if cached is not None and cached[0] == k:
+            return cached[1], cached[2]
+        doc = self.document_index(int(self.rows[i]), k)
+        if doc is None:
+            return None
+        toks = np.asarray(self.tokenizer.encode(self.source[doc]), dtype=np.int32)
+        inputs = np.concatenate([np.array([self.tokenizer.bos_id], np.int32), toks])
+        targets = np.concatenate([toks, np.array([self.tokenizer.eos_id], np.int32)])
+        self._pair_cache[i] = (k, inputs, targets)
+        return inputs, targets
+
+    # ----------------------------------------------------------------------- packing
+
+    def _produce(self) -> Batch:
+        """Packs the next batch from the producer cursor and advances it."""
+        shape = (len(self.rows), self.seq_len)
+        pad = self.tokenizer.pad_id
+        inputs = np.full(shape, pad, np.int32)
+        targets = np.full(shape, pad, np.int32)
+        segment_ids = np.zeros(shape, np.int32)
+        positions = np.zeros(shape, np.int32)
+        for i in range(len(self.rows)):
+            filled, segment = 0, 0
+            while filled < self.seq_len:
+                pair = self._pair(i)
+                if pair is None:
+                    break
+                pair_in, pair_tgt = pair
+                off = int(self._off[i])
+                n = min(self.seq_len - filled, len(pair_in) - off)
+                segment += 1
+                inputs[i, filled:filled + n] = pair_in[off:off + n]
+                targets[i, filled:filled + n] = pair_tgt[off:off + n]
+                segment_ids[i, filled:filled + n] = segment
+                positions[i, filled:filled + n] = self._positions[:n]
+                filled += n
+                if off + n == len(pair_in):
+                    self._k[i] += 1
+                    self._off[i] = 0
+                    self._pair_cache[i] = None
+                else:
+                    self._off[i] = off + n
+        return {"inputs": inputs, "targets": targets,
+                "weights": (segment_ids > 0).astype(np.float32),
+                "segment_ids": segment_ids, "positions": positions}
+
+    def _rows_out(self, k: np.ndarray) -> bool:
+        """Whether every owned row has consumed all its documents (eval only)."""
+        if self.repeat:
+            return False
+        return bool(np.all(self.rows + k * self.global_batch_size >= self.num_documents))
+
+    # ----------------------------------------------------------------- iteration API
+
+    def __iter__(self) -> CausalLMIterator:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.prefetch == 0:
+            batch = self._produce()
+            self._yielded = (self._k.copy(), self._off.copy())
+            return batch
+        if self._thread is None:
+            self._start_producer()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._thread.join()
+            self._thread = None
+            self._restore_cursor(*self._yielded)  # a retry resumes after the last batch
+            raise RuntimeError("The causal-LM prefetch thread failed; see the cause "
+                               "above.") from item
+        batch, self._yielded = item
+        return batch
+
+    @property
+    def exhausted(self) -> bool:
+        """True once every owned row has run out of documents (repeat=False only)."""
+        return self._rows_out(self._yielded[0])
+
+    # -------------------------------------------------------------------- prefetching
+
+    def _start_producer(self) -> None:
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._producer_loop,
+                                        args=(self._queue, self._stop),
+                                        name="causal-lm-prefetch", daemon=True)
+        self._thread.start()
+
+    def _producer_loop(self, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                item: Any = (self._produce(), (self._k.copy(), self._off.copy()))
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surfaced to the consumer by __next__
+            out.put(e)
+
+    def close(self) -> None:
+        """Stops the prefetch thread (if any). The iterator stays usable: the next
+        `__next__` restarts it from the last yielded batch's state."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self._queue = None
+            # The producer ran ahead; rewind it to what has been yielded.
+            self._restore_cursor(*self._yielded)
+
+    def __del__(self):
+        try:
+            if self._thread is not None:
+                self._stop.set()
+        except Exception:
+            pass
+
+    # -------------------------------------------------------------------- checkpoints
+
+    def _identity(self) -> dict[str, Any]:
+        return {"kind": "causal_lm", "version": STATE_VERSION, "seq_len": self.seq_len,
+                "global_batch_size": self.global_batch_size,
+                "process_index": self.process_index, "process_count": self.process_count,
+                "seed": self.seed, "repeat": self.repeat, "shuffle": self.shuffle,
+                "num_documents": self.num_documents}
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable state of the last yielded batch (O(rows) ints, no tokens)."""
+        k, off = self._yielded
+        return {**self._identity(), "rows": [[int(a), int(b)] for a, b in zip(k, off)]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores `get_state()` output from an iterator with the same configuration.
+
+        Raises:
+          ValueError: if the state belongs to a different seq_len / batch size / process
+            layout / seed / corpus size, or is malformed.
+        """
+        expected = self._identity()
+        mismatched = [f"{key}: state has {state.get(key)!r}, iterator has {value!r}"
+                      for key, value in expected.items() if state.get(key) != value]
+        if mismatched:
+            raise ValueError(
+                "Cannot restore causal-LM iterator state saved under a different "
+                "configuration (" + "; ".join(mismatched) + "). Resume with the same "
+                "seq_len, global_batch_size, process count/index, seed, shuffle/repeat "
+                "and dataset, or start the data from scratch.")
+        rows = state.get("rows")
+        if (not isinstance(rows, list) or len(rows) != len(self.rows)
+                or any(not isinstance(r, (list, tuple)) or len(r) != 2
+                       or any(not isinstance(v, int) or v < 0 for v in r) for r in rows)):
+            raise ValueError(f"Malformed causal-LM iterator state: 'rows' must be "
+                             f"{len(self.rows)} pairs of non-negative ints [k, offset].")
+        self.close()
+        k = np.array([r[0] for r in rows], dtype=np.int64)
+        off = np.array([r[1] for r in rows], dtype=np.int64)
+        self._restore_cursor(k, off)
+        self._yielded = (k.copy(), off.copy())
+
+    def _restore_cursor(self, k: np.ndarray, off: np.ndarray) -> None:
+        self._k = k.copy()
+        self._off = off.copy()
+        self._pair_cache = [None] * len(self.rows)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def make_causal_lm_iterator(source: Sequence[str], tokenizer: TokenizerLike, *,
+                            seq_len: int, global_batch_size: int, seed: int,
+                            process_index: int = 0, process_count: int = 1,
+                            repeat: bool = True, shuffle: bool | None = None,
+                            prefetch: int = 2) -> CausalLMIterator:
+    """Packed causal-LM batches of shape [global_batch_size // process_count, seq_len].
+
+    Args:
+      source: random-access documents (`research.data.sources.DocumentSource`).
+      tokenizer: has `encode(str) -> list[int]`, `bos_id`, `eos_id`, `pad_id`.
+      seq_len: tokens per row.
+      global_batch_size: rows of the global batch (all processes together).
+      seed: document-order seed (epoch e uses `np.random.default_rng([seed, e])`).
+      process_index, process_count: this host and the number of hosts; this host yields
+        global rows [p*B/P, (p+1)*B/P).
+      repeat: True (train): endless epochs. False (eval): one pass, then padding.
+      shuffle: permute each epoch; default True when repeat, False otherwise.
+      prefetch: batches packed ahead in a background thread (0: no thread).
+    """
+    return CausalLMIterator(source, tokenizer, seq_len=seq_len,
+                            global_batch_size=global_batch_size, seed=seed,
+                            process_index=process_index, process_count=process_count,
+                            repeat=repeat, shuffle=shuffle, prefetch=prefetch)
+
+
+_SOURCE_KWARGS = ("split", "text_field", "data_dir", "on_decode_error")
+
+
+def make_causal_lm_iterator_from_spec(spec: str, tokenizer: TokenizerLike,
+                                      **kwargs: Any) -> CausalLMIterator:
+    """`open_documents(spec, ...)` then `make_causal_lm_iterator(...)`.
+
+    Keyword arguments split / text_field / data_dir / on_decode_error go to
+    `open_documents` (unset ones fall back to its gin bindings); the rest to
+    `make_causal_lm_iterator`.
+    """
+    from research.data.sources import open_documents
+
+    source_kwargs = {k: kwargs.pop(k) for k in _SOURCE_KWARGS if k in kwargs}
+    return make_causal_lm_iterator(open_documents(spec, **source_kwargs), tokenizer, **kwargs)

@@ -1,0 +1,309 @@
+"""Local text / JSON-lines files turned into a cached, random-access TFDS dataset.
+
+`LocalCorpus` names the files (and how to parse them); `prepare_local_dataset` builds them
+once into an `array_record` TFDS dataset with one feature `text` and one split `train`,
+cached under
+
+    DATA_DIR/research_local_documents/{format}-{hash}/1.0.0/
+
+where the hash covers (format, text_field, on_decode_error, sorted absolute paths, sizes,
+mtimes). A changed file gives a new hash, hence a rebuild; an unchanged corpus is reused.
+Old cache directories are never deleted automatically.
+
+File formats:
+
+* `text`: UTF-8 plain text. One or more blank lines (empty or ASCII-whitespace-only)
+  separate documents; each document is stripped; empty documents are dropped.
+* `jsonl`: one JSON object per line; the document is the string field `text_field`.
+  Blank lines are ignored; whitespace-only documents are dropped.
+
+Invalid UTF-8: with `on_decode_error='strict'` a `DataSourceError` names the file and byte
+offset; with `'skip'` the offending documents are skipped and counted in the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+
+import tensorflow_datasets as tfds
+
+log = logging.getLogger(__name__)
+
+BUILDER_NAME = "research_local_documents"
+CACHE_FORMAT_VERSION = 1  # bump when parsing rules change, to invalidate old caches
+FORMATS = ("text", "jsonl")
+DECODE_ERROR_MODES = ("strict", "skip")
+
+
+class DataSourceError(ValueError):
+    """A document source cannot be opened or parsed; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalCorpus:
+    """A set of local files and how to parse them into documents.
+
+    Attributes:
+      fmt: 'text' or 'jsonl'.
+      paths: sorted absolute file paths.
+      text_field: the JSON field holding the document (jsonl only).
+      on_decode_error: 'strict' (raise on invalid UTF-8) or 'skip'.
+    """
+    fmt: str
+    paths: tuple[str, ...]
+    text_field: str = "text"
+    on_decode_error: str = "strict"
+
+    def __post_init__(self):
+        if self.fmt not in FORMATS:
+            raise DataSourceError(f"Unknown local format {self.fmt!r}; use one of {FORMATS}.")
+        if self.on_decode_error not in DECODE_ERROR_MODES:
+            raise DataSourceError(
+                f"on_decode_error={self.on_decode_error!r} is not supported; use 'strict' "
+                "(raise on invalid UTF-8) or 'skip' (drop the bad documents).")
+
+    def fingerprint(self) -> str:
+        """16 hex digits over format, field, mode and every file's path, size and mtime.
+
+        Raises DataSourceError if a file cannot be stat-ed or opened for reading.
+        """
+        entries = []
+        for path in self.paths:
+            check_readable(path)
+            st = os.stat(path)
+            entries.append([path, st.st_size, st.st_mtime_ns])
+        key = [CACHE_FORMAT_VERSION, self.fmt,
+               self.text_field if self.fmt == "jsonl" else None,
+               self.on_decode_error, entries]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+    def iter_documents(self) -> Iterator[str]:
+        """Yields every document of every file, files in `paths` order."""
+        skipped = 0
+        for path in self.paths:
+            if self.fmt == "text":
+                docs = iter_text_file(path, self.on_decode_error)
+            else:
+                docs = iter_jsonl_file(path, self.text_field, self.on_decode_error)
+            for doc in docs:
+                if doc is None:
+                    skipped += 1
+                else:
+                    yield doc
+        if skipped:
+            log.warning("Skipped %d document(s) with invalid UTF-8 (on_decode_error='skip').",
+                        skipped)
+
+
+def check_readable(path: str) -> None:
+    """Raises DataSourceError naming `path` if it cannot be opened for reading."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise DataSourceError(
+            f"Cannot read input file {path!r}: {e.strerror or e}. Fix its permissions or "
+            "path (a broken symlink?), or narrow the glob so that it excludes it.") from e
+
+
+def _decode(raw: bytes, path: str, offset: int, on_decode_error: str) -> str | None:
+    """Decodes one document's bytes; None if invalid and skipping. `offset`: file offset."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if on_decode_error == "skip":
+            return None
+        raise DataSourceError(
+            f"{path}: invalid UTF-8 at byte offset {offset + e.start} ({e.reason}). Re-encode "
+            "the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or pass "
+            "on_decode_error='skip' to drop the documents that contain invalid bytes.") from e
+    return text
+
+
+def iter_text_file(path: str, on_decode_error: str = "strict") -> Iterator[str | None]:
+    """Yields the stripped, non-empty blank-line-separated documents of a text file.
+
+    Yields None in place of a document skipped for invalid UTF-8 (on_decode_error='skip').
+    Reads line by line, so files larger than memory are fine.
+    """
+    lines: list[bytes] = []
+    start = offset = 0
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    if not lines:
+                        start = offset
+                    lines.append(line)
+                elif lines:
+                    yield from _finish_text_doc(lines, path, start, on_decode_error)
+                    lines = []
+                offset += len(line)
+    except OSError as e:
+        raise DataSourceError(f"Cannot read input file {path!r}: {e}. Fix its permissions "
+                              "or remove it from the glob.") from e
+    if lines:
+        yield from _finish_text_doc(lines, path, start, on_decode_error)
+
+
+def _finish_text_doc(lines: list[bytes], path: str, start: int,
+                     on_decode_error: str) -> Iterator[str | None]:
+    text = _decode(b"".join(lines), path, start, on_decode_error)
+    if text is None:
+        yield None
+    elif text.strip():
+        yield text.strip()
+
+
+def iter_jsonl_file(path: str, text_field: str = "text",
+                    on_decode_error: str = "strict") -> Iterator[str | None]:
+    """Yields field `text_field` of each JSON object line (None for skipped invalid UTF-8)."""
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                line_offset, offset = offset, offset + len(raw)
+                if not raw.strip():
+                    continue
+                line = _decode(raw, path, line_offset, on_decode_error)
+                if line is None:
+                    yield None
+                    continue
+                doc = _json_field(line, text_field, path, lineno)
+                if _has_lone_surrogate(doc):
+                    if on_decode_error == "skip":
+                        yield None
+                        continue
+                    raise DataSourceError(
+                        f"{path}:{lineno}: field {text_field!r} contains an unpaired UTF-16 "
+                        "surrogate escape (e.g. \"\\udc80\"), which is not valid Unicode text. "
+                        "Fix the file or pass on_decode_error='skip'.")
+                if doc.strip():
+                    yield doc
+    except OSError as e:
+        raise DataSourceError(f"Cannot read input file {path!r}: {e}. Fix its permissions "
+                              "or remove it from the glob.") from e
+
+
+def _json_field(line: str, text_field: str, path: str, lineno: int) -> str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataSourceError(
+            f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}). A jsonl file must "
+            "hold exactly one JSON object per line; use the text: prefix for plain text.") from e
+    if not isinstance(obj, dict):
+        raise DataSourceError(
+            f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}. Each line "
+            f"must look like {{\"{text_field}\": \"...\"}}.")
+    if text_field not in obj:
+        raise DataSourceError(
+            f"{path}:{lineno}: JSON object has no field {text_field!r} (fields: "
+            f"{sorted(obj)[:10]}). Pass text_field=... (gin: open_documents.text_field) "
+            "to name the field that holds the document text.")
+    doc = obj[text_field]
+    if not isinstance(doc, str):
+        raise DataSourceError(
+            f"{path}:{lineno}: field {text_field!r} is a {type(doc).__name__}, not a string. "
+            "Point text_field at a string field.")
+    return doc
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+class _EmptyCorpus(Exception):
+    """Raised inside generation when the corpus has no documents."""
+
+
+class LocalDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """TFDS builder for a `LocalCorpus`: feature `text`, single split `train`, file order.
+
+    Not registered with TFDS (so defining or instantiating it any number of times in one
+    process is safe); the config name is the corpus fingerprint.
+    """
+
+    name = BUILDER_NAME
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Documents of local text/jsonl files."}
+
+    def __init__(self, *, corpus: LocalCorpus, fingerprint: str, data_dir: str):
+        self.corpus = corpus
+        config = tfds.core.BuilderConfig(
+            name=f"{corpus.fmt}-{fingerprint}", version=self.VERSION,
+            description=f"{len(corpus.paths)} {corpus.fmt} file(s)")
+        super().__init__(data_dir=data_dir, config=config)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Documents read from local files by research.data.sources.",
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            disable_shuffling=True,  # keep file order: document i is stable and meaningful
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        n = 0
+        for n, doc in enumerate(self.corpus.iter_documents(), start=1):
+            yield n - 1, {"text": doc}
+        if n == 0:
+            raise _EmptyCorpus()
+
+
+def prepare_local_dataset(corpus: LocalCorpus, data_dir: str, *,
+                          file_format: str = "array_record") -> LocalDocuments:
+    """Builds (or reuses) the cached TFDS dataset of `corpus`; returns its prepared builder.
+
+    Raises DataSourceError for unreadable files, invalid input, or a corpus with no
+    documents.
+    """
+    fingerprint = corpus.fingerprint()
+    builder = LocalDocuments(corpus=corpus, fingerprint=fingerprint, data_dir=data_dir)
+    if builder.is_prepared():
+        log.info("Reusing cached local dataset %s (%d file(s), unchanged).",
+                 builder.data_dir, len(corpus.paths))
+        return builder
+    log.info("Building local dataset %s from %d %s file(s) (new or changed input).",
+             builder.data_dir, len(corpus.paths), corpus.fmt)
+    try:
+        builder.download_and_prepare(
+            file_format=file_format,
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except _EmptyCorpus:
+        raise DataSourceError(
+            f"The {corpus.fmt} files ({_describe_paths(corpus.paths)}) contain no documents. "
+            + ("Documents are separated by blank lines; check the files are not empty."
+               if corpus.fmt == "text" else
+               f"Check the files have lines with a non-empty {corpus.text_field!r} field.")
+        ) from None
+    except DataSourceError:
+        raise
+    except Exception:
+        # Another process (e.g. another host on a shared filesystem) may have won the race
+        # to rename its finished build into place.
+        fresh = LocalDocuments(corpus=corpus, fingerprint=fingerprint, data_dir=data_dir)
+        if fresh.is_prepared():
+            log.info("Local dataset %s was built concurrently by another process; reusing it.",
+                     fresh.data_dir)
+            return fresh
+        raise
+    return builder
+
+
+def _describe_paths(paths: Sequence[str]) -> str:
+    shown = ", ".join(paths[:3])
+    return shown + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
