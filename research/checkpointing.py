@@ -42,8 +42,9 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self.save_every = max(1, int(save_every))
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, int(save_every)), max_to_keep=keep,
+            max_to_keep=keep,
             enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("params", "opt_state", "extra"))
@@ -56,7 +57,9 @@ class Checkpointer:
 
     def save(self, step: int, state: dict[str, Any], data_state: Any, *, force: bool = False) -> bool:
         """Saves at `step` if it is a save step (or `force`). Collective: call on every process."""
-        if not force and not self.manager.should_save(step):
+        if not force and step % self.save_every:
+            return False
+        if step in self.manager.all_steps():
             return False
         extra = {"step": int(step),
                  "rng": np.asarray(jax.random.key_data(state["rng"])).tolist(),
@@ -65,7 +68,7 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
             opt_state=ocp.args.StandardSave(state["opt_state"]),
-            extra=ocp.args.JsonSave(extra)), force=force)
+            extra=ocp.args.JsonSave(extra)), force=True)
 
     def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """Restores the state onto the shardings of `abstract_state`; returns (state, data_state)."""

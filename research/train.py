@@ -1,301 +1,25 @@
 """Trains any gin-configured run: `python -m research.train --gin_file=... --workdir=DIR`.
 
-One file, top to bottom: parse config → mesh → tokenizer and data → sharded state (created
-already sharded) → restore if DIR has a checkpoint → jitted train step with the state donated →
-log / eval / checkpoint. Re-running the same command with the same DIR resumes exactly.
+Model configs live in configs/models/, run configs in configs/runs/; pass both (model first),
+as in T5X. Re-running the same command with the same DIR resumes from its last checkpoint.
 
 Example:
   python -m research.train \\
       --gin_file=configs/models/gpt_tiny.gin --gin_file=configs/runs/pretrain_causal.gin \\
-      --gin.TRAIN_STEPS=200 --gin.MESH_SHAPE="{'data': -1}" --workdir=/tmp/run
+      --gin.TRAIN_STEPS=200 --gin.MESH_SHAPE="{'data': 2, 'fsdp': 2, 'tensor': 2}" --workdir=/tmp/run
+
+Writes DIR/config.gin (operative config), DIR/run.json, DIR/metrics.jsonl, DIR/checkpoints/
+(Orbax) and DIR/tensorboard/.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import os
 import sys
-import time
-from typing import Any
 
-import flax.linen as nn
-import gin
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
-from research import checkpointing, losses, partitioning
 from research.config import add_common_flags, initialize_distributed, parse_gin, split_gin_bindings
-from research.data.sources import open_documents
-from research.data.tokenizer import load_tokenizer
-from research.metrics_writer import MetricsWriter
-from research.model import TransformerConfig
-from research.optim import make_optimizer
-
-State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": key[]}
-
-
-@dataclasses.dataclass
-class Setup:
-    """Everything derived from the config that the loop, the tests and the tools reuse."""
-
-    cfg: TransformerConfig
-    objective: Any
-    model: nn.Module
-    tokenizer: Any
-    mesh: jax.sharding.Mesh
-    rules: Any
-    optimizer: optax.GradientTransformation
-    schedule: optax.Schedule
-    state_shardings: Any
-    abstract_state: Any
-    init_state: Any  # jitted: () -> sharded State
-
-
-def build_setup(*, model_config: TransformerConfig, objective: Any, vocab: str, seq_len: int,
-                batch_size: int, seed: int, mesh_shape: dict, learning_rate: float,
-                num_steps: int, warmup_steps: int) -> Setup:
-    """Model, mesh, optimizer and the sharded state initializer for a run."""
-    tokenizer = load_tokenizer(vocab)
-    tokenizer.require_special(*objective.required_special_pieces)
-    cfg = model_config.with_vocab(tokenizer.vocab_size)
-    if cfg.max_len < seq_len and cfg.position == "learned":
-        raise ValueError(f"SEQ_LEN={seq_len} exceeds TransformerConfig.max_len={cfg.max_len}.")
-    mesh = partitioning.make_mesh(mesh_shape)
-    rules = partitioning.logical_axis_rules()
-    model = objective.make_model(cfg)
-    optimizer, schedule = make_optimizer(learning_rate, num_steps, warmup_steps)
-    dummy = objective.dummy_batch(1, seq_len)
-
-    def init_boxed(rng):
-        params_rng, dropout_rng = jax.random.split(rng)
-        return objective.init(model, {"params": params_rng, "dropout": dropout_rng}, dummy)["params"]
-
-    base_rng = jax.random.key(seed)
-    with mesh, nn.logical_axis_rules(rules):
-        abstract_boxed = jax.eval_shape(init_boxed, base_rng)
-    param_shardings = partitioning.logical_to_shardings(abstract_boxed, mesh, rules)
-    abstract_params = nn.unbox(abstract_boxed)
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    repl = partitioning.replicated(mesh)
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_shardings,
-                                          transform_non_params=lambda _: repl)
-    state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings, "rng": repl}
-
-    def init_state() -> State:
-        params = nn.unbox(init_boxed(jax.random.fold_in(base_rng, 0)))
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": optimizer.init(params), "rng": base_rng}
-
-    with mesh, nn.logical_axis_rules(rules):
-        abstract_state = jax.eval_shape(init_state)
-    abstract_state = checkpointing.abstract_like(abstract_state, state_shardings)
-    init_fn = jax.jit(init_state, out_shardings=state_shardings)
-    return Setup(cfg, objective, model, tokenizer, mesh, rules, optimizer, schedule,
-                 state_shardings, abstract_state, init_fn)
-
-
-def make_train_step(setup: Setup, microbatches: int = 1):
-    """The jitted update: (state, batch) -> (state, metric sums). The state is donated."""
-    objective, model, optimizer = setup.objective, setup.model, setup.optimizer
-
-    def step_fn(state: State, batch: dict[str, jax.Array]):
-        rng = jax.random.fold_in(state["rng"], state["step"])
-        normalizers = objective.normalizers(batch)
-
-        def micro_loss(params, micro, micro_rng):
-            return objective.loss(model, params, micro, micro_rng, normalizers, deterministic=False)
-
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-        if microbatches == 1:
-            (_, metrics), grads = grad_fn(state["params"], batch, rng)
-        else:
-            split = jax.tree.map(
-                lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch)
-
-            def accumulate(carry, xs):
-                micro, i = xs
-                (_, m), g = grad_fn(state["params"], micro, jax.random.fold_in(rng, i))
-                grads, metrics = carry
-                return (jax.tree.map(jnp.add, grads, g), losses.add_sums(metrics, m)), None
-
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
-            first = jax.tree.map(lambda x: x[0], split)
-            _, metric_shape = jax.eval_shape(micro_loss, state["params"], first, rng)
-            zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shape)
-            (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, zero_metrics),
-                                               (split, jnp.arange(microbatches)))
-            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["params"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        one = jnp.ones((), jnp.float32)
-        metrics = dict(metrics)
-        metrics["grad_norm"] = (optax.global_norm(grads), one)
-        metrics["learning_rate"] = (setup.schedule(state["step"]), one)
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                     "rng": state["rng"]}
-        return new_state, metrics
-
-    batch_shardings = _batch_shardings(setup)
-    return jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_shardings),
-                   out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
-
-
-def make_eval_step(setup: Setup):
-    """The jitted eval: (params, batch) -> metric sums (dropout off)."""
-    objective, model = setup.objective, setup.model
-
-    def eval_fn(params, batch):
-        normalizers = objective.normalizers(batch)
-        _, metrics = objective.loss(model, params, batch, jax.random.key(0), normalizers,
-                                    deterministic=True)
-        return metrics
-
-    return jax.jit(eval_fn, in_shardings=(setup.state_shardings["params"], _batch_shardings(setup)))
-
-
-def _batch_shardings(setup: Setup):
-    dummy = setup.objective.dummy_batch(1, 1)
-    return {k: partitioning.batch_sharding(setup.mesh, v.ndim) for k, v in dummy.items()}
-
-
-def _check_batch(batch_size: int, mesh: jax.sharding.Mesh, microbatches: int) -> None:
-    dp = partitioning.data_parallel_size(mesh)
-    if batch_size % (dp * microbatches):
-        raise ValueError(
-            f"BATCH_SIZE={batch_size} must be divisible by the data-parallel size ({dp} = data x fsdp "
-            f"of MESH_SHAPE) times train.microbatches ({microbatches}); use a multiple of "
-            f"{dp * microbatches}.")
-    if batch_size % jax.process_count():
-        raise ValueError(f"BATCH_SIZE={batch_size} must be divisible by the {jax.process_count()} "
-                         "processes (each host reads an equal share).")
-
-
-def _to_host(tree):
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
-
-def evaluate(setup: Setup, eval_step, params, iterator, steps: int) -> dict[str, float]:
-    """Runs `steps` eval batches (the same count on every host) and returns eval/ means."""
-    sums = None
-    with setup.mesh, nn.logical_axis_rules(setup.rules):
-        for _ in range(steps):
-            batch = partitioning.global_batch(next(iterator), setup.mesh)
-            metrics = eval_step(params, batch)
-            sums = metrics if sums is None else losses.add_sums(sums, metrics)
-    return losses.summarize(_to_host(sums), prefix="eval/")
-
-
-@gin.configurable(denylist=["workdir"])
-def train(workdir: str, *,
-          model_config: TransformerConfig = gin.REQUIRED,
-          objective: Any = gin.REQUIRED,
-          train_data: str = gin.REQUIRED,
-          eval_data: str | None = None,
-          vocab: str = gin.REQUIRED,
-          num_steps: int = gin.REQUIRED,
-          batch_size: int = gin.REQUIRED,
-          seq_len: int = gin.REQUIRED,
-          learning_rate: float = gin.REQUIRED,
-          warmup_steps: int = 0,
-          seed: int = 0,
-          mesh_shape: dict | None = None,
-          microbatches: int = 1,
-          log_every: int = 50,
-          eval_every: int = 500,
-          eval_steps: int = 20,
-          checkpoint_every: int = 1000,
-          keep_checkpoints: int = 3,
-          async_checkpoints: bool = True,
-          progress_bar: bool = True) -> dict[str, float]:
-    """Trains `objective` on `train_data`; returns the last logged metrics.
-
-    Args mirror the run-config macros: TRAIN_STEPS (num_steps), BATCH_SIZE (global, in
-    sequences), SEQ_LEN, LEARNING_RATE, WARMUP_STEPS, SEED, TRAIN_DATA, EVAL_DATA, VOCAB,
-    MESH_SHAPE. `microbatches` splits each step's batch for gradient accumulation.
-    """
-    os.makedirs(workdir, exist_ok=True)
-    setup = build_setup(model_config=model_config, objective=objective, vocab=vocab,
-                        seq_len=seq_len, batch_size=batch_size, seed=seed,
-                        mesh_shape=mesh_shape or {"data": -1}, learning_rate=learning_rate,
-                        num_steps=num_steps, warmup_steps=warmup_steps)
-    _check_batch(batch_size, setup.mesh, microbatches)
-    pid, nproc = jax.process_index(), jax.process_count()
-    data_kwargs = dict(seq_len=seq_len, global_batch_size=batch_size, seed=seed,
-                       process_index=pid, process_count=nproc)
-    train_iter = objective.make_iterator(open_documents(train_data), setup.tokenizer,
-                                         repeat=True, **data_kwargs)
-    eval_source = open_documents(eval_data) if eval_data else None
-
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=checkpoint_every,
-                                      keep=keep_checkpoints, async_save=async_checkpoints)
-    start = ckpt.latest_step()
-    if start is not None:
-        state, data_state = ckpt.restore(start, setup.abstract_state)
-        if data_state is not None:
-            train_iter.set_state(data_state)
-        logging.info("resumed from step %d", start)
-    else:
-        start = 0
-        with setup.mesh, nn.logical_axis_rules(setup.rules):
-            state = setup.init_state()
-    _write_run_files(workdir, setup, vocab=vocab, seq_len=seq_len)
-
-    train_step = make_train_step(setup, microbatches)
-    eval_step = make_eval_step(setup) if eval_source is not None else None
-    writer = MetricsWriter(workdir, resume_step=start)
-    bar = _progress(start, num_steps, enabled=progress_bar and pid == 0)
-    tokens_per_step = batch_size * seq_len
-    pending, last, t0, t0_step = [], {}, time.time(), start
-    for step in range(start, num_steps):
-        with setup.mesh, nn.logical_axis_rules(setup.rules):
-            batch = partitioning.global_batch(next(train_iter), setup.mesh)
-            state, metrics = train_step(state, batch)
-        pending.append(metrics)
-        done = step + 1
-        if done % log_every == 0 or done == num_steps:
-            host = _to_host(pending)
-            sums = {k: (sum(m[k][0] for m in host), sum(m[k][1] for m in host)) for k in host[0]}
-            elapsed = time.time() - t0
-            last = losses.summarize(sums, prefix="train/")
-            last["train/tokens_per_sec"] = tokens_per_step * (done - t0_step) / max(elapsed, 1e-9)
-            last["train/steps_per_sec"] = (done - t0_step) / max(elapsed, 1e-9)
-            pending, t0, t0_step = [], time.time(), done
-            if eval_step is not None and (done % eval_every == 0 or done == num_steps):
-                eval_iter = objective.make_iterator(eval_source, setup.tokenizer, repeat=False,
-                                                    shuffle=False, **data_kwargs)
-                last.update(evaluate(setup, eval_step, state["params"], eval_iter, eval_steps))
-            writer.write(done, last)
-            bar.set_postfix(loss=f"{last['train/loss']:.3f}",
-                            tok_s=f"{last['train/tokens_per_sec']:.0f}", refresh=False)
-        bar.update(1)
-        ckpt.save(done, state, train_iter.get_state(), force=done == num_steps)
-    bar.close()
-    ckpt.close()
-    writer.close()
-    return last
-
-
-def _write_run_files(workdir: str, setup: Setup, *, vocab: str, seq_len: int) -> None:
-    """DIR/config.gin (operative gin config) and DIR/run.json (resolved model facts for tools)."""
-    if jax.process_index() != 0:
-        return
-    with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
-        f.write(gin.config_str())
-    info = {"model_config": dataclasses.asdict(setup.cfg), "objective": setup.objective.name,
-            "vocab": os.path.abspath(vocab), "seq_len": seq_len}
-    with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
-
-
-def _progress(start: int, total: int, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
-                mininterval=1.0, desc="train")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     initialize_distributed(args)
     parse_gin(args.gin_file, bindings)
+    import jax
+
+    from research.trainer import train
+
     metrics = train(args.workdir)
     if jax.process_index() == 0:
         print(json.dumps({"final": metrics}))
