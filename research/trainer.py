@@ -50,14 +50,17 @@ class Setup:
 
 def build_setup(*, model_config: TransformerConfig, objective: Any, vocab: str, seq_len: int,
                 batch_size: int, seed: int, mesh_shape: dict, learning_rate: float,
-                num_steps: int, warmup_steps: int) -> Setup:
-    """Model, mesh, optimizer and the sharded state initializer for a run."""
+                num_steps: int, warmup_steps: int, devices: list | None = None) -> Setup:
+    """Model, mesh, optimizer and the sharded state initializer for a run.
+
+    `devices` restricts the mesh to a subset (tests compare 1 device with 8).
+    """
     tokenizer = load_tokenizer(vocab)
     tokenizer.require_special(*objective.required_special_pieces)
     cfg = model_config.with_vocab(tokenizer.vocab_size)
     if cfg.max_len < seq_len and cfg.position == "learned":
         raise ValueError(f"SEQ_LEN={seq_len} exceeds TransformerConfig.max_len={cfg.max_len}.")
-    mesh = partitioning.make_mesh(mesh_shape)
+    mesh = partitioning.make_mesh(mesh_shape, devices)
     rules = partitioning.logical_axis_rules()
     model = objective.make_model(cfg)
     optimizer, schedule = make_optimizer(learning_rate, num_steps, warmup_steps)

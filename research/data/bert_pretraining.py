@@ -409,7 +409,8 @@ def make_bert_pretraining_iterator(
       seed: non-negative int; determines everything.
       max_predictions_per_seq: P.
       masked_lm_prob: fraction of each instance's tokens to predict.
-      short_seq_prob: probability that a document uses a short random target length.
+      short_seq_prob: probability that a document uses a short random target length
+        (NSP only; MLM-only segments are always packed up to L).
       whole_word_mask: mask all pieces of a word together.
       next_sentence: NSP pairs `[CLS] A [SEP] B [SEP]`; False = MLM only, `[CLS] x [SEP]`
         with sentences packed up to L (across documents, within a window), label 0.
