@@ -301,7 +301,8 @@ def empty_features(batch: int, seq_len: int, max_predictions: int,
                    pad_id: int) -> dict[str, np.ndarray]:
     """All-padding feature arrays `[batch, ...]` (see FEATURES for names/dtypes)."""
     sizes = {"L": (seq_len,), "P": (max_predictions,), "": ()}
-    out = {name: np.zeros((batch,) + sizes[kind], dtype) for name, (kind, dtype) in FEATURES.items()}
+    out = {name: np.zeros((batch,) + sizes[kind], dtype)
+           for name, (kind, dtype) in FEATURES.items()}
     out["input_ids"][:] = pad_id
     out["masked_lm_ids"][:] = pad_id
     return out

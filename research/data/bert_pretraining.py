@@ -88,8 +88,10 @@ class BertDataConfig:
         checks = [
             (self.seq_len >= min_len, f"seq_len={self.seq_len} is too short: needs >= "
              f"{min_len} for {'[CLS] A [SEP] B [SEP]' if self.next_sentence else '[CLS] x [SEP]'}"),
-            (self.global_batch_size >= 1, f"global_batch_size={self.global_batch_size} must be >= 1"),
-            (isinstance(self.seed, (int, np.integer)) and self.seed >= 0,
+            (self.global_batch_size >= 1,
+             f"global_batch_size={self.global_batch_size} must be >= 1"),
+            (isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool)
+             and self.seed >= 0,
              f"seed={self.seed!r} must be a non-negative int"),
             (self.max_predictions_per_seq >= 1,
              f"max_predictions_per_seq={self.max_predictions_per_seq} must be >= 1"),
@@ -105,6 +107,7 @@ class BertDataConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        object.__setattr__(self, "seed", int(self.seed))  # numpy ints -> JSON-friendly state
 
     @property
     def shuffled(self) -> bool:
