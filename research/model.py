@@ -128,6 +128,33 @@ def _constrain(x: Array, axes: tuple[str, ...]) -> Array:
     return nn.with_logical_constraint(x, axes)
 
 
+class Projection(nn.Module):
+    """x[..., *in] @ kernel[*in, *features] (+ bias[*features]), kernel created at its true rank.
+
+    `axes` names the kernel dims (the `in_dims` input dims, then the feature dims).
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    cfg: TransformerConfig
+    in_dims: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        in_shape = x.shape[x.ndim - self.in_dims:]
+        kernel = self.param("kernel", _dense_init(cfg, self.axes), in_shape + tuple(self.features),
+                            cfg.params_dtype)
+        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+        out = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
+                                  (contract, ((), ())))
+        if cfg.use_bias:
+            bias = self.param("bias", _zeros(self.axes[self.in_dims:]), tuple(self.features),
+                              cfg.params_dtype)
+            out = out + bias.astype(cfg.compute_dtype)
+        return out
+
+
 class Norm(nn.Module):
     """LayerNorm or RMSNorm over the last axis, statistics in float32."""
 
@@ -187,14 +214,9 @@ class Attention(nn.Module):
                  deterministic: bool, decode: bool = False) -> Array:
         cfg = self.cfg
         n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-        dense = functools.partial(nn.DenseGeneral, dtype=cfg.compute_dtype,
-                                  param_dtype=cfg.params_dtype, use_bias=cfg.use_bias)
-        q = dense((n, h), kernel_init=_dense_init(cfg, ("embed", "heads", "head_dim")),
-                  bias_init=_zeros(("heads", "head_dim")), name="query")(x)
-        key = dense((k, h), kernel_init=_dense_init(cfg, ("embed", "kv_heads", "head_dim")),
-                    bias_init=_zeros(("kv_heads", "head_dim")), name="key")(x)
-        value = dense((k, h), kernel_init=_dense_init(cfg, ("embed", "kv_heads", "head_dim")),
-                      bias_init=_zeros(("kv_heads", "head_dim")), name="value")(x)
+        q = Projection((n, h), ("embed", "heads", "head_dim"), cfg, name="query")(x)
+        key = Projection((k, h), ("embed", "kv_heads", "head_dim"), cfg, name="key")(x)
+        value = Projection((k, h), ("embed", "kv_heads", "head_dim"), cfg, name="value")(x)
         q = _constrain(q, ("act_batch", "act_length", "act_heads", None))
         key = _constrain(key, ("act_batch", "act_length", "act_kv_heads", None))
         value = _constrain(value, ("act_batch", "act_length", "act_kv_heads", None))
@@ -214,10 +236,8 @@ class Attention(nn.Module):
         if cfg.attention_dropout_rate and not deterministic:
             # Dropout on the attention output (the fused kernel keeps no probabilities).
             out = nn.Dropout(cfg.attention_dropout_rate)(out, deterministic=False)
-        out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype,
-                              param_dtype=cfg.params_dtype, use_bias=cfg.use_bias,
-                              kernel_init=_dense_init(cfg, ("heads", "head_dim", "embed")),
-                              bias_init=_zeros(("embed",)), name="out")(out)
+        out = Projection((cfg.d_model,), ("heads", "head_dim", "embed"), cfg, in_dims=2,
+                         name="out")(out)
         return checkpoint_name(out, "matmul_out")
 
     def _update_cache(self, key: Array, value: Array, segment_ids: Array):

@@ -14,6 +14,7 @@ single kv head is replicated instead of failing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any, Sequence
@@ -148,3 +149,10 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """Assembles per-host batch shards into global arrays sharded over data x fsdp."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
             for k, v in local.items()}
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh, rules: Rules):
+    """The mesh and logical-axis rules in force while tracing/running sharded code."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

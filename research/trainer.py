@@ -71,8 +71,8 @@ def build_setup(*, model_config: TransformerConfig, objective: Any, vocab: str, 
         return objective.init(model, {"params": params_rng, "dropout": dropout_rng}, dummy)["params"]
 
     base_rng = jax.random.key(seed)
-    with mesh, nn.logical_axis_rules(rules):
-        abstract_boxed = jax.eval_shape(init_boxed, base_rng)
+    # Initialisation runs outside the mesh context: out_shardings below decide the layout.
+    abstract_boxed = jax.eval_shape(init_boxed, base_rng)
     param_shardings = partitioning.logical_to_shardings(abstract_boxed, mesh, rules)
     abstract_params = nn.unbox(abstract_boxed)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
@@ -86,8 +86,7 @@ def build_setup(*, model_config: TransformerConfig, objective: Any, vocab: str, 
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "opt_state": optimizer.init(params), "rng": base_rng}
 
-    with mesh, nn.logical_axis_rules(rules):
-        abstract_state = jax.eval_shape(init_state)
+    abstract_state = jax.eval_shape(init_state)
     abstract_state = checkpointing.abstract_like(abstract_state, state_shardings)
     init_fn = jax.jit(init_state, out_shardings=state_shardings)
     return Setup(cfg, objective, model, tokenizer, mesh, rules, optimizer, schedule,
@@ -129,7 +128,7 @@ def make_train_step(setup: Setup, microbatches: int = 1):
         params = optax.apply_updates(state["params"], updates)
         one = jnp.ones((), jnp.float32)
         metrics = dict(metrics)
-        metrics["grad_norm"] = (optax.global_norm(grads), one)
+        metrics["grad_norm"] = (optax.tree.norm(grads), one)
         metrics["learning_rate"] = (setup.schedule(state["step"]), one)
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                      "rng": state["rng"]}
@@ -177,7 +176,7 @@ def _to_host(tree):
 def evaluate(setup: Setup, eval_step, params, iterator, steps: int) -> dict[str, float]:
     """Runs `steps` eval batches (the same count on every host) and returns eval/ means."""
     sums = None
-    with setup.mesh, nn.logical_axis_rules(setup.rules):
+    with partitioning.mesh_rules(setup.mesh, setup.rules):
         for _ in range(steps):
             batch = partitioning.global_batch(next(iterator), setup.mesh)
             metrics = eval_step(params, batch)
@@ -236,8 +235,7 @@ def train(workdir: str, *,
         logging.info("resumed from step %d", start)
     else:
         start = 0
-        with setup.mesh, nn.logical_axis_rules(setup.rules):
-            state = setup.init_state()
+        state = setup.init_state()
     _write_run_files(workdir, setup, vocab=vocab, seq_len=seq_len)
 
     train_step = make_train_step(setup, microbatches)
@@ -247,12 +245,13 @@ def train(workdir: str, *,
     tokens_per_step = batch_size * seq_len
     pending, last, t0, t0_step = [], {}, time.time(), start
     for step in range(start, num_steps):
-        with setup.mesh, nn.logical_axis_rules(setup.rules):
+        with partitioning.mesh_rules(setup.mesh, setup.rules):
             batch = partitioning.global_batch(next(train_iter), setup.mesh)
             state, metrics = train_step(state, batch)
         pending.append(metrics)
         done = step + 1
-        if done % log_every == 0 or done == num_steps:
+        eval_now = eval_step is not None and (done % eval_every == 0 or done == num_steps)
+        if done % log_every == 0 or done == num_steps or eval_now:
             host = _to_host(pending)
             sums = {k: (sum(m[k][0] for m in host), sum(m[k][1] for m in host)) for k in host[0]}
             elapsed = time.time() - t0
@@ -260,7 +259,7 @@ def train(workdir: str, *,
             last["train/tokens_per_sec"] = tokens_per_step * (done - t0_step) / max(elapsed, 1e-9)
             last["train/steps_per_sec"] = (done - t0_step) / max(elapsed, 1e-9)
             pending, t0, t0_step = [], time.time(), done
-            if eval_step is not None and (done % eval_every == 0 or done == num_steps):
+            if eval_now:
                 eval_iter = objective.make_iterator(eval_source, setup.tokenizer, repeat=False,
                                                     shuffle=False, **data_kwargs)
                 last.update(evaluate(setup, eval_step, state["params"], eval_iter, eval_steps))
@@ -276,11 +275,12 @@ def train(workdir: str, *,
 
 
 def _write_run_files(workdir: str, setup: Setup, *, vocab: str, seq_len: int) -> None:
-    """DIR/config.gin (operative gin config) and DIR/run.json (resolved model facts for tools)."""
+    """DIR/config.gin (the operative gin config: every binding the run used, macros included)
+    and DIR/run.json (resolved model facts for tools)."""
     if jax.process_index() != 0:
         return
     with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
-        f.write(gin.config_str())
+        f.write(gin.operative_config_str())
     info = {"model_config": dataclasses.asdict(setup.cfg), "objective": setup.objective.name,
             "vocab": os.path.abspath(vocab), "seq_len": seq_len}
     with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -37,8 +36,8 @@ def run_steps(sp_model, mesh_shape, devices, steps=3, microbatches=1, cfg=TINY):
                                  seq_len=SEQ, global_batch_size=BATCH, seed=0)
     step = make_train_step(setup, microbatches)
     losses = []
-    with setup.mesh, nn.logical_axis_rules(setup.rules):
-        state = setup.init_state()
+    state = setup.init_state()
+    with partitioning.mesh_rules(setup.mesh, setup.rules):
         for _ in range(steps):
             state, metrics = step(state, partitioning.global_batch(next(it), setup.mesh))
             num, den = jax.device_get(metrics["loss"])
