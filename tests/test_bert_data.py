@@ -76,7 +76,9 @@ def test_tokenized_documents_drop_empty(tok):
 def test_prediction_count_is_exact(austen_instances, vocab):
     rng = np.random.default_rng(1)
     lengths = set()
-    for tokens in austen_instances:
+    # Austen instances plus short ones ([CLS] a.. [SEP] b.. [SEP]) where the floor of 1 applies.
+    short = [np.array([4, *range(10, 10 + n), 5, 20, 5], np.int32) for n in range(1, 5)]
+    for tokens in [*austen_instances, *short]:
         for cap in (20, 5):
             m = _mask(tokens, vocab, rng, cap=cap)
             assert len(m.positions) == min(cap, max(1, int(round(0.15 * len(tokens)))))
