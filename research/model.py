@@ -229,16 +229,29 @@ class Attention(nn.Module):
         if decode:
             key, value, k_segments, q_index, k_index = self._update_cache(key, value, segment_ids)
         mask = attention_mask(segment_ids, k_segments, cfg.causal, q_index, k_index)
-        out = jax.nn.dot_product_attention(q, key, value, mask=mask,
-                                           implementation=cfg.attention_impl)
+        if cfg.attention_dropout_rate and not deterministic:
+            out = self._attention_with_dropout(q, key, value, mask)
+        else:
+            out = jax.nn.dot_product_attention(q, key, value, mask=mask,
+                                               implementation=cfg.attention_impl)
         out = checkpoint_name(out, "attention_out")
         out = _constrain(out, ("act_batch", "act_length", "act_heads", None))
-        if cfg.attention_dropout_rate and not deterministic:
-            # Dropout on the attention output (the fused kernel keeps no probabilities).
-            out = nn.Dropout(cfg.attention_dropout_rate)(out, deterministic=False)
         out = Projection((cfg.d_model,), ("heads", "head_dim", "embed"), cfg, in_dims=2,
                          name="out")(out)
         return checkpoint_name(out, "matmul_out")
+
+    def _attention_with_dropout(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
+        """Explicit softmax attention with dropout on the probabilities (BERT's recipe; the
+        fused kernel has no probabilities to drop). q [B,T,N,H], k/v [B,S,K,H], mask [B,1,T,S]."""
+        b, t, n, h = q.shape
+        groups = n // k.shape[2]
+        q = q.reshape(b, t, k.shape[2], groups, h)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(h)
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(self.cfg.attention_dropout_rate)(probs, deterministic=False)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+        return out.reshape(b, t, n, h)
 
     def _update_cache(self, key: Array, value: Array, segment_ids: Array):
         b, t, k, h = key.shape

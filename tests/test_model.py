@@ -231,3 +231,23 @@ def test_bad_config_values_are_named():
         TransformerConfig(activation="gelu2")
     with pytest.raises(ValueError, match="num_kv_heads"):
         TransformerConfig(num_heads=4, num_kv_heads=3)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_dropout_path_equals_fused_attention_at_rate_zero_limit(kv_heads):
+    """The explicit path used for attention-probability dropout computes the same attention
+    as jax.nn.dot_product_attention (checked with a rate so small nothing is dropped)."""
+    cfg = TransformerConfig(**SMALL, num_kv_heads=kv_heads, causal=False)
+    stack = TransformerStack(cfg)
+    toks = tokens()
+    params = init(stack, toks)
+    seg = jnp.asarray([[1] * 9 + [0] * 3, [1] * 12])
+    fused = stack.apply({"params": params}, toks, segment_ids=seg)
+    tiny = TransformerStack(dataclasses.replace(cfg, attention_dropout_rate=1e-9))
+    explicit = tiny.apply({"params": params}, toks, segment_ids=seg, deterministic=False,
+                          rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_allclose(explicit, fused, atol=2e-5)
+    dropped = TransformerStack(dataclasses.replace(cfg, attention_dropout_rate=0.5)).apply(
+        {"params": params}, toks, segment_ids=seg, deterministic=False,
+        rngs={"dropout": jax.random.key(0)})
+    assert not np.allclose(dropped, fused, atol=1e-3)
