@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = generate(model, params, prompts, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
                     pad_id=tok.pad_id, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
-    for prompt, row in zip(args.prompt, rows):
-        print(f"--- {prompt}\n{prompt}{' ' if not prompt.endswith(' ') else ''}{tok.decode(row)}\n")
+    for text, prompt, row in zip(args.prompt, prompts, rows):
+        print(f"--- {text}\n{tok.decode(prompt + row)}\n")
     return 0
 
 
