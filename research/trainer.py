@@ -263,12 +263,17 @@ def train(workdir: str, *,
                 eval_iter = objective.make_iterator(eval_source, setup.tokenizer, repeat=False,
                                                     shuffle=False, **data_kwargs)
                 last.update(evaluate(setup, eval_step, state["params"], eval_iter, eval_steps))
+                eval_iter.close()
             writer.write(done, last)
             bar.set_postfix(loss=f"{last['train/loss']:.3f}",
                             tok_s=f"{last['train/tokens_per_sec']:.0f}", refresh=False)
         bar.update(1)
         ckpt.save(done, state, train_iter.get_state(), force=done == num_steps)
     bar.close()
+    if start >= num_steps:
+        logging.info("%s is already at step %d of %d: nothing to train (raise TRAIN_STEPS to "
+                     "continue).", workdir, start, num_steps)
+    train_iter.close()
     ckpt.close()
     writer.close()
     return last
