@@ -106,3 +106,61 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class BestCheckpoint:
+    """Keeps the parameters with the best value of one eval metric in DIR/best.
+
+    `metric` is a metrics.jsonl key such as 'eval/accuracy' (higher is better) or, with a
+    'min:' prefix, one where lower is better ('min:eval/loss'). DIR/best/best.json records
+    the step and value, so a resumed run keeps comparing against the right number.
+    """
+
+    def __init__(self, directory: str, metric: str):
+        self.mode = "min" if metric.startswith("min:") else "max"
+        self.metric = metric.removeprefix("min:").removeprefix("max:")
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+            item_names=("params",))
+        self.record_path = os.path.join(self.directory, "best.json")
+        self.record = None
+        if os.path.exists(self.record_path):
+            with open(self.record_path, encoding="utf-8") as f:
+                self.record = json.load(f)
+
+    def exists(self) -> bool:
+        return self.manager.latest_step() is not None
+
+    def _better(self, value: float) -> bool:
+        if self.record is None:
+            return True
+        return value > self.record["value"] if self.mode == "max" else value < self.record["value"]
+
+    def update(self, step: int, params: Any, metrics: dict[str, float]) -> bool:
+        """Saves `params` if `metrics[metric]` beats the best so far. Collective."""
+        if self.metric not in metrics:
+            raise KeyError(f"best-checkpoint metric {self.metric!r} is not among the eval metrics "
+                           f"{sorted(k for k in metrics if k.startswith('eval/'))}; set "
+                           "train.best_metric to one of them.")
+        value = float(metrics[self.metric])
+        if not self._better(value):
+            return False
+        self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+                          force=True)
+        self.manager.wait_until_finished()
+        self.record = {"step": int(step), "metric": self.metric, "value": value}
+        if jax.process_index() == 0:
+            with open(self.record_path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(self.record, f)
+            os.replace(self.record_path + ".tmp", self.record_path)
+        return True
+
+    def restore(self, abstract_params: Any) -> Any:
+        step = self.manager.latest_step()
+        return self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))["params"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -8,6 +8,7 @@ log / eval / checkpoint. Re-running the same command with the same DIR resumes e
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -20,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from research import checkpointing, losses, partitioning
+from research import init_checkpoint as init_checkpoint_lib
 from research.data.sources import open_documents
 from research.data.tokenizer import load_tokenizer
 from research.metrics_writer import MetricsWriter
@@ -173,15 +176,50 @@ def _to_host(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def evaluate(setup: Setup, eval_step, params, iterator, steps: int) -> dict[str, float]:
-    """Runs `steps` eval batches (the same count on every host) and returns eval/ means."""
+def evaluate(setup: Setup, eval_step, params, iterator, steps: int | None) -> dict[str, float]:
+    """Runs `steps` eval batches (the same count on every host; None = until the iterator
+    stops, which finite iterators do after the same count everywhere); returns eval/ means."""
     sums = None
     with partitioning.mesh_rules(setup.mesh, setup.rules):
-        for _ in range(steps):
-            batch = partitioning.global_batch(next(iterator), setup.mesh)
-            metrics = eval_step(params, batch)
+        for batch in itertools.islice(iterator, steps):
+            metrics = eval_step(params, partitioning.global_batch(batch, setup.mesh))
             sums = metrics if sums is None else losses.add_sums(sums, metrics)
-    return losses.summarize(_to_host(sums), prefix="eval/")
+    return losses.summarize(_to_host(sums), prefix="eval/") if sums is not None else {}
+
+
+def make_predict_step(setup: Setup):
+    """Jitted (params, batch) -> per-example outputs incl. label/weight/index, for task metrics."""
+    objective, model = setup.objective, setup.model
+
+    def predict_fn(params, batch):
+        out = objective.predict(model, params, batch)
+        return {**out, "label": batch["label"], "weight": batch["weight"], "index": batch["index"]}
+
+    return jax.jit(predict_fn, in_shardings=(setup.state_shardings["params"], _batch_shardings(setup)))
+
+
+def predict_all(setup: Setup, predict_step, params, iterator) -> dict[str, np.ndarray]:
+    """Per-example outputs over a whole finite iterator, gathered from every host; padding
+    rows (weight 0) dropped, sorted by example index."""
+    parts = []
+    with partitioning.mesh_rules(setup.mesh, setup.rules):
+        for batch in iterator:
+            out = predict_step(params, partitioning.global_batch(batch, setup.mesh))
+            parts.append({k: multihost_utils.process_allgather(v, tiled=True) for k, v in out.items()})
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    keep = merged["weight"] > 0
+    order = np.argsort(merged["index"][keep], kind="stable")
+    return {k: v[keep][order] for k, v in merged.items()}
+
+
+def _open(objective: Any, spec: str, role: str):
+    """The objective's own reader (labelled examples) or the document reader."""
+    if hasattr(objective, "open_source"):
+        return objective.open_source(spec, role=role)
+    return open_documents(spec)
+
+
+DEFAULT_ASSIGNMENT_MAP = (("classifier/.*", None), ("(.*)", r"\1"))
 
 
 @gin.configurable(denylist=["workdir"])
@@ -190,18 +228,24 @@ def train(workdir: str, *,
           objective: Any = gin.REQUIRED,
           train_data: str = gin.REQUIRED,
           eval_data: str | None = None,
-          vocab: str = gin.REQUIRED,
-          num_steps: int = gin.REQUIRED,
+          test_data: str | None = None,
+          vocab: str | None = gin.REQUIRED,
+          num_steps: int | None = gin.REQUIRED,
+          num_epochs: float | None = None,
           batch_size: int = gin.REQUIRED,
           seq_len: int = gin.REQUIRED,
           learning_rate: float = gin.REQUIRED,
-          warmup_steps: int = 0,
+          warmup_steps: int | None = 0,
+          warmup_fraction: float | None = None,
           seed: int = 0,
           mesh_shape: dict | None = None,
           microbatches: int = 1,
+          init_checkpoint: str | None = None,
+          assignment_map: Any = DEFAULT_ASSIGNMENT_MAP,
+          best_metric: str | None = None,
           log_every: int = 50,
-          eval_every: int = 500,
-          eval_steps: int = 20,
+          eval_every: int | None = 500,
+          eval_steps: int | None = 20,
           checkpoint_every: int = 1000,
           keep_checkpoints: int = 3,
           async_checkpoints: bool = True,
@@ -211,8 +255,31 @@ def train(workdir: str, *,
     Args mirror the run-config macros: TRAIN_STEPS (num_steps), BATCH_SIZE (global, in
     sequences), SEQ_LEN, LEARNING_RATE, WARMUP_STEPS, SEED, TRAIN_DATA, EVAL_DATA, VOCAB,
     MESH_SHAPE. `microbatches` splits each step's batch for gradient accumulation.
+    Fine-tuning adds: `num_epochs` (used when num_steps is None), `warmup_fraction` (used
+    when warmup_steps is None), `eval_every` None (once per epoch), `init_checkpoint` + `assignment_map` (see
+    research.init_checkpoint; vocab None = the pretraining run's), `best_metric` (e.g.
+    'eval/accuracy': the best parameters are kept in DIR/best) and `test_data`
+    (predictions written to DIR/predictions.tsv). `eval_steps` None evaluates the whole set.
     """
     os.makedirs(workdir, exist_ok=True)
+    if vocab is None and init_checkpoint:
+        info = init_checkpoint_lib.run_info(init_checkpoint) or {}
+        vocab = info.get("vocab")
+    if vocab is None:
+        raise ValueError("VOCAB is None: set it to a SentencePiece .model (or pass an "
+                         "INIT_CHECKPOINT whose run.json names its tokenizer).")
+    train_source = _open(objective, train_data, "train")
+    epoch_steps = (objective.steps_per_epoch(train_source, batch_size)
+                   if hasattr(objective, "steps_per_epoch") else None)
+    if not num_steps and num_epochs and epoch_steps:
+        num_steps = int(np.ceil(num_epochs * epoch_steps))
+    if not num_steps:
+        raise ValueError("set TRAIN_STEPS (train.num_steps), or train.num_epochs for objectives "
+                         "with epochs (fine-tuning).")
+    if warmup_steps is None:
+        warmup_steps = int(round((warmup_fraction or 0.0) * num_steps))
+    if eval_every is None:
+        eval_every = epoch_steps or num_steps
     setup = build_setup(model_config=model_config, objective=objective, vocab=vocab,
                         seq_len=seq_len, batch_size=batch_size, seed=seed,
                         mesh_shape=mesh_shape or {"data": -1}, learning_rate=learning_rate,
@@ -221,12 +288,12 @@ def train(workdir: str, *,
     pid, nproc = jax.process_index(), jax.process_count()
     data_kwargs = dict(seq_len=seq_len, global_batch_size=batch_size, seed=seed,
                        process_index=pid, process_count=nproc)
-    train_iter = objective.make_iterator(open_documents(train_data), setup.tokenizer,
-                                         repeat=True, **data_kwargs)
-    eval_source = open_documents(eval_data) if eval_data else None
+    train_iter = objective.make_iterator(train_source, setup.tokenizer, repeat=True, **data_kwargs)
+    eval_source = _open(objective, eval_data, "eval") if eval_data else None
 
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=checkpoint_every,
                                       keep=keep_checkpoints, async_save=async_checkpoints)
+    best = checkpointing.BestCheckpoint(os.path.join(workdir, "best"), best_metric) if best_metric else None
     start = ckpt.latest_step()
     if start is not None:
         state, data_state = ckpt.restore(start, setup.abstract_state)
@@ -236,10 +303,32 @@ def train(workdir: str, *,
     else:
         start = 0
         state = setup.init_state()
+        if init_checkpoint:
+            init_checkpoint_lib.check_vocab(init_checkpoint, setup.tokenizer.vocab_size,
+                                            setup.cfg.vocab_size)
+            state["params"], restored = init_checkpoint_lib.restore_into(
+                state["params"], init_checkpoint, assignment_map)
+            logging.info("restored from %s: %s", init_checkpoint, ", ".join(restored[:8])
+                         + (" ..." if len(restored) > 8 else ""))
     _write_run_files(workdir, setup, vocab=vocab, seq_len=seq_len)
 
     train_step = make_train_step(setup, microbatches)
     eval_step = make_eval_step(setup) if eval_source is not None else None
+    predict_step = make_predict_step(setup) if hasattr(objective, "predict") else None
+
+    def run_eval(params) -> dict[str, float]:
+        it = objective.make_iterator(eval_source, setup.tokenizer, repeat=False, shuffle=False,
+                                     **data_kwargs)
+        out = evaluate(setup, eval_step, params, it, None if predict_step else eval_steps)
+        it.close()
+        if predict_step is not None:
+            it = objective.make_iterator(eval_source, setup.tokenizer, repeat=False,
+                                         shuffle=False, **data_kwargs)
+            preds = predict_all(setup, predict_step, params, it)
+            out.update({f"eval/{k}": v for k, v in
+                        objective.task_metrics(preds["prediction"], preds["label"]).items()})
+        return out
+
     writer = MetricsWriter(workdir, resume_step=start)
     bar = _progress(start, num_steps, enabled=progress_bar and pid == 0)
     tokens_per_step = batch_size * seq_len
@@ -260,10 +349,9 @@ def train(workdir: str, *,
             last["train/steps_per_sec"] = (done - t0_step) / max(elapsed, 1e-9)
             pending, t0, t0_step = [], time.time(), done
             if eval_now:
-                eval_iter = objective.make_iterator(eval_source, setup.tokenizer, repeat=False,
-                                                    shuffle=False, **data_kwargs)
-                last.update(evaluate(setup, eval_step, state["params"], eval_iter, eval_steps))
-                eval_iter.close()
+                last.update(run_eval(state["params"]))
+                if best is not None:
+                    best.update(done, state["params"], last)
             writer.write(done, last)
             bar.set_postfix(loss=f"{last['train/loss']:.3f}",
                             tok_s=f"{last['train/tokens_per_sec']:.0f}", refresh=False)
@@ -275,8 +363,32 @@ def train(workdir: str, *,
                      "continue).", workdir, start, num_steps)
     train_iter.close()
     ckpt.close()
+    if test_data and predict_step is not None:
+        params = state["params"]
+        if best is not None and best.exists():
+            params = best.restore(setup.abstract_state["params"])
+        _write_predictions(workdir, setup, predict_step, params,
+                           _open(objective, test_data, "test"), data_kwargs)
+    if best is not None:
+        best.close()
     writer.close()
     return last
+
+
+def _write_predictions(workdir, setup: Setup, predict_step, params, source, data_kwargs) -> None:
+    """DIR/predictions.tsv: `index<TAB>prediction` per test example (GLUE submission layout)."""
+    it = setup.objective.make_iterator(source, setup.tokenizer, repeat=False, shuffle=False,
+                                       **data_kwargs)
+    preds = predict_all(setup, predict_step, params, it)
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "predictions.tsv")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("index\tprediction\n")
+        for i, p in zip(preds["index"], preds["prediction"]):
+            f.write(f"{int(i)}\t{setup.objective.format_prediction(float(p))}\n")
+    os.replace(path + ".tmp", path)
+    logging.info("wrote %d test predictions to %s", len(preds["index"]), path)
 
 
 def _write_run_files(workdir: str, setup: Setup, *, vocab: str, seq_len: int) -> None:

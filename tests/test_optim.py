@@ -66,3 +66,26 @@ def test_checkpointer_keeps_the_last_k(tmp_path):
     assert data_state == {"row": 7}
     assert int(restored["step"]) == 7
     ckpt.close()
+
+
+def test_layer_decay_and_freezing():
+    from research.optim import update_multipliers
+    params = {"encoder": {"token_embed": {"embedding": jnp.ones((4, 2))},
+                          "layer_0": {"w": jnp.ones(2)}, "layer_1": {"w": jnp.ones(2)}},
+              "classifier": {"kernel": jnp.ones((2, 2))}}
+    f = update_multipliers(params, layer_decay=0.5)
+    assert float(f["encoder"]["token_embed"]["embedding"]) == 0.5 ** 3
+    assert float(f["encoder"]["layer_0"]["w"]) == 0.5 ** 2
+    assert float(f["encoder"]["layer_1"]["w"]) == 0.5
+    assert float(f["classifier"]["kernel"]) == 1.0
+    scanned = {"encoder": {"layers": {"w": jnp.ones((3, 2))}}, "classifier": {"k": jnp.ones(1)}}
+    np.testing.assert_allclose(update_multipliers(scanned, 0.5)["encoder"]["layers"]["w"][:, 0],
+                               [0.125, 0.25, 0.5])
+    frozen = update_multipliers(params, frozen_regex="^encoder/")
+    assert float(frozen["encoder"]["layer_1"]["w"]) == 0.0 and float(frozen["classifier"]["kernel"]) == 1.0
+
+    opt, _ = make_optimizer(0.1, 10, 0, weight_decay=0.1, frozen_regex="^encoder/")
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    assert not np.any(np.asarray(updates["encoder"]["layer_0"]["w"]))  # frozen: not even decay
+    assert np.all(np.asarray(updates["classifier"]["kernel"]) < 0)
