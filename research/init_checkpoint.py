@@ -68,11 +68,10 @@ def run_info(init_checkpoint: str) -> dict | None:
 
 def checkpoint_shapes(directory: str, step: int) -> dict[str, tuple[tuple[int, ...], Any]]:
     """{path: (shape, dtype)} of the parameters stored at `step`."""
-    mngr = ocp.CheckpointManager(directory, item_names=("params",))
-    meta = mngr.item_metadata(step)["params"]
-    tree = getattr(meta, "tree", meta)
+    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(directory, str(step), "params"))
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    mngr.close()
     return {path_str(p): (tuple(m.shape), m.dtype) for p, m in flat}
 
 
@@ -131,11 +130,10 @@ def restore_into(params: Any, init_checkpoint: str, assignment_map: AssignmentMa
         for key in parents:
             node = node.setdefault(key, {})
         node[last] = jax.ShapeDtypeStruct(leaf.shape, shapes[source][1], sharding=leaf.sharding)
-    mngr = ocp.CheckpointManager(directory, item_names=("params",))
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)))["params"]
-    mngr.close()
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(directory, str(step), "params"), args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True))
     flat_restored = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
     def pick(p, leaf):
