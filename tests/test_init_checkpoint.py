@@ -87,7 +87,7 @@ def test_shape_mismatch_is_named(pretrained):
     workdir, _ = pretrained
     wider = TransformerConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, mlp_dim=128,
                               max_len=16)
-    with pytest.raises(ValueError, match=r"mlp/wi/kernel.*\(32, 128\).*\(32, 64\)"):
+    with pytest.raises(ValueError, match=r"decoder/layer_0/mlp/wi/bias.*\(128,\).*\(64,\)"):
         init_checkpoint.restore_into(classifier_params({"data": 8}, wider), str(workdir),
                                      [("classifier/.*", None), ("(.*)", r"\1")])
 
