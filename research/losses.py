@@ -33,12 +33,13 @@ def add_sums(a: MetricSums, b: MetricSums) -> MetricSums:
     return {k: (a[k][0] + b[k][0], a[k][1] + b[k][1]) for k in a}
 
 
-def summarize(sums: Mapping[str, tuple[float, float]], prefix: str = "") -> dict[str, float]:
-    """Means from (numerator, denominator) sums; `*loss` metrics also get a perplexity for LM losses."""
+def summarize(sums: Mapping[str, tuple[float, float]], prefix: str = "",
+              perplexity: bool = False) -> dict[str, float]:
+    """Means from (numerator, denominator) sums; with `perplexity`, also exp(loss) (LM losses)."""
     out = {}
     for name, (num, den) in sums.items():
         value = float(num) / max(float(den), 1e-12)
         out[prefix + name] = value
-        if name == "loss" and prefix.startswith("eval"):
+        if name == "loss" and perplexity:
             out[prefix + "perplexity"] = math.exp(min(value, 80.0))
     return out

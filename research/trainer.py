@@ -184,7 +184,8 @@ def evaluate(setup: Setup, eval_step, params, iterator, steps: int | None) -> di
         for batch in itertools.islice(iterator, steps):
             metrics = eval_step(params, partitioning.global_batch(batch, setup.mesh))
             sums = metrics if sums is None else losses.add_sums(sums, metrics)
-    return losses.summarize(_to_host(sums), prefix="eval/") if sums is not None else {}
+    lm = setup.objective.name == "causal_lm"
+    return losses.summarize(_to_host(sums), prefix="eval/", perplexity=lm) if sums is not None else {}
 
 
 def make_predict_step(setup: Setup):
