@@ -15,8 +15,13 @@ Follows google-research/bert `run_pretraining.py`:
   next_sentence_loss = mean CE over the batch.
 
 Shapes: B batch, L sequence length, P max predictions per sequence, D d_model, V vocab.
-New logical parameter axes: `classes` (NSP outputs); the D -> D head matrices are
-('embed', 'mlp') so that one parameter never names the same mesh axis twice.
+New logical parameter axes: `classes` (NSP outputs). The D -> D head matrices are
+('mlp', 'embed'): two distinct names (one parameter must not name a mesh axis twice), and the
+output dimension on `embed`, as the token embedding that the MLM projection contracts with.
+The opposite choice, ('embed', 'mlp'), gave wrong gradients (up to ~60% off; forward exact)
+on a data=2 x fsdp=2 x tensor=2 CPU mesh with jax/jaxlib 0.10.2, Shardy or GSPMD alike: a
+[B, P, D] batch-sharded input through a P(fsdp, tensor) kernel, then contracted with a
+P(tensor, fsdp) [V, D] embedding. tests/test_bert_model.py guards the chosen layout.
 """
 
 from __future__ import annotations
@@ -62,8 +67,8 @@ class BertPretrainer(nn.Module):
 
     Parameters (logical axes):
       encoder/...                 the TransformerStack (see research.model)
-      pooler/{kernel, bias}       [D, D] ('embed', 'mlp'), [D] ('mlp',)
-      mlm_transform/{kernel,bias} [D, D] ('embed', 'mlp'), [D] ('mlp',)
+      pooler/{kernel, bias}       [D, D] ('mlp', 'embed'), [D] ('embed',)
+      mlm_transform/{kernel,bias} [D, D] ('mlp', 'embed'), [D] ('embed',)
       mlm_norm/...                LayerNorm [D] ('embed',)
       mlm_output_bias             [V] ('vocab',)
       mlm_output/kernel           [D, V] ('embed', 'vocab'), only if tie_embeddings is False
@@ -79,10 +84,10 @@ class BertPretrainer(nn.Module):
                              "TransformerConfig.causal = False (configs/models/bert_*.gin do).")
         dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         self.encoder = TransformerStack(cfg, name="encoder")
-        self.pooler = nn.Dense(cfg.d_model, kernel_init=_normal(cfg, ("embed", "mlp")),
-                               bias_init=_zeros(("mlp",)), name="pooler", **dense)
-        self.mlm_transform = nn.Dense(cfg.d_model, kernel_init=_normal(cfg, ("embed", "mlp")),
-                                      bias_init=_zeros(("mlp",)), name="mlm_transform", **dense)
+        self.pooler = nn.Dense(cfg.d_model, kernel_init=_normal(cfg, ("mlp", "embed")),
+                               bias_init=_zeros(("embed",)), name="pooler", **dense)
+        self.mlm_transform = nn.Dense(cfg.d_model, kernel_init=_normal(cfg, ("mlp", "embed")),
+                                      bias_init=_zeros(("embed",)), name="mlm_transform", **dense)
         self.mlm_norm = Norm(cfg, name="mlm_norm")
         self.mlm_output_bias = self.param("mlm_output_bias", _zeros(("vocab",)),
                                           (cfg.vocab_size,), cfg.params_dtype)
