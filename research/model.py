@@ -275,12 +275,14 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Feed-forward block: gelu/relu (one input matrix) or swiglu/geglu (gated, two)."""
+    """Feed-forward block: gelu/relu (one input matrix) or swiglu/geglu (gated, two).
+
+    No dropout inside (BERT and GPT-2 drop only the block's output, in `Block`)."""
 
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         dense = functools.partial(nn.Dense, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                                   use_bias=cfg.use_bias)
@@ -297,7 +299,6 @@ class Mlp(nn.Module):
             h = nn.gelu(h, approximate=cfg.activation == "gelu")
         h = checkpoint_name(h, "matmul_out")
         h = _constrain(h, ("act_batch", "act_length", "act_mlp"))
-        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         out = dense(cfg.d_model, kernel_init=_dense_init(cfg, ("mlp", "embed")),
                     bias_init=_zeros(("embed",)), name="wo")(h)
         return checkpoint_name(out, "matmul_out")
@@ -319,11 +320,11 @@ class Block(nn.Module):
             h = attn(Norm(cfg, name="attention_norm")(x), segment_ids, positions,
                      deterministic=deterministic, decode=decode)
             x = x + drop(h)
-            x = x + drop(mlp(Norm(cfg, name="mlp_norm")(x), deterministic=deterministic))
+            x = x + drop(mlp(Norm(cfg, name="mlp_norm")(x)))
         else:
             h = attn(x, segment_ids, positions, deterministic=deterministic, decode=decode)
             x = Norm(cfg, name="attention_norm")(x + drop(h))
-            x = Norm(cfg, name="mlp_norm")(x + drop(mlp(x, deterministic=deterministic)))
+            x = Norm(cfg, name="mlp_norm")(x + drop(mlp(x)))
         return _constrain(x, ("act_batch", "act_length", "act_embed"))
 
 
