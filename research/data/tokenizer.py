@@ -96,6 +96,10 @@ class Tokenizer:
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(model_path: str) -> Tokenizer:
+    """A SentencePiece `.model`, or a BERT WordPiece `vocab.txt` (`*.txt`, same interface)."""
+    if model_path.endswith(".txt"):
+        from research.data.wordpiece import WordPieceTokenizer
+        return WordPieceTokenizer(model_path)
     return Tokenizer(model_path)
 
 

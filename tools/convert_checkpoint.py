@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Convert Hugging Face BERT / GPT-2 checkpoints to this project's format, and back.
+
+Import (HF -> ours), from a directory with config.json + model.safetensors:
+
+    python tools/convert_checkpoint.py --from_hf=hf/bert-base-uncased --to=ckpt/bert_base
+
+writes ckpt/bert_base/checkpoints/0/params (Orbax), model.gin (TransformerConfig bindings)
+and run.json (model_config, objective, vocab = hf/.../vocab.txt if present). Use it as
+`--gin.INIT_CHECKPOINT="'ckpt/bert_base'"` with `--gin_file=ckpt/bert_base/model.gin`
+(VOCAB may then be the WordPiece vocab.txt).
+
+Export (ours -> HF), from a training workdir or a converted directory:
+
+    python tools/convert_checkpoint.py --from=runs/bert_mini --to_hf=hf/bert_mini
+
+writes config.json + model.safetensors with HF key names (BertForPreTraining for BERT
+pretraining params, BertForSequenceClassification for fine-tuned ones, GPT2LMHeadModel for
+causal LMs). Supported model types: bert (absolute positions) and gpt2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+try:
+    import research  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from research import hf_convert  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from_hf", metavar="DIR",
+                        help="Hugging Face checkpoint directory (config.json + model.safetensors)")
+    parser.add_argument("--to", metavar="OUT", help="output directory for --from_hf")
+    parser.add_argument("--from", dest="from_ours", metavar="WORKDIR",
+                        help="our training workdir, converted directory, or one step's folder")
+    parser.add_argument("--to_hf", metavar="DIR", help="output directory for --from")
+    parser.add_argument("--scan_layers", action="store_true",
+                        help="import: store the layers stacked (TransformerConfig.scan_layers)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing checkpoint / model.safetensors in the output")
+    args = parser.parse_args(argv)
+    importing = args.from_hf is not None or args.to is not None
+    exporting = args.from_ours is not None or args.to_hf is not None
+    if importing == exporting:
+        parser.error("give either --from_hf=DIR --to=OUT (import) or --from=WORKDIR --to_hf=DIR "
+                     "(export).")
+    if importing and not (args.from_hf and args.to):
+        parser.error("import needs both --from_hf=DIR and --to=OUT.")
+    if exporting and not (args.from_ours and args.to_hf):
+        parser.error("export needs both --from=WORKDIR and --to_hf=DIR.")
+    if exporting and args.scan_layers:
+        parser.error("--scan_layers applies to import; export reads the layout from run.json.")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.time()
+    try:
+        if args.from_hf:
+            converted = hf_convert.convert_from_hf(args.from_hf, args.to,
+                                                   scan_layers=args.scan_layers,
+                                                   overwrite=args.overwrite)
+            cfg = converted.cfg
+            print(f"Converted HF {converted.model_type} ({cfg.num_layers} layers, d_model "
+                  f"{cfg.d_model}, vocab {cfg.vocab_size}, {len(converted.params)} tensors, "
+                  f"objective {converted.objective}) to {args.to} in {time.time() - start:.1f}s.")
+            print(f"Use: --gin_file={os.path.join(args.to, 'model.gin')} "
+                  f"--gin.INIT_CHECKPOINT=\"'{args.to}'\"")
+        else:
+            config = hf_convert.convert_to_hf(args.from_ours, args.to_hf, overwrite=args.overwrite)
+            print(f"Wrote {config['architectures'][0]} ({config['model_type']}) to {args.to_hf} "
+                  f"in {time.time() - start:.1f}s.")
+    except (FileNotFoundError, FileExistsError, hf_convert.ConversionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
