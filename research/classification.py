@@ -12,7 +12,6 @@ BERT fine-tuning does.
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import gin

@@ -1,10 +1,8 @@
 """Every shipped gin file parses, composes with a run config, and initialises."""
 
-import pathlib
 
 import gin
 import jax
-import jax.numpy as jnp
 import flax.linen as nn
 import pytest
 

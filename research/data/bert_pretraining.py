@@ -42,6 +42,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from research.data.batching import check_batch_layout
 from research.data.bert_instances import (
     FEATURES, TokenizedDocuments, TrainingInstance, create_instances_from_document,
     empty_features, pack_sentences, pair_tokens, single_segment_tokens, split_sentences,
@@ -315,7 +316,9 @@ class BertPretrainingIterator:
 
     def __init__(self, documents: Sequence[str], tokenizer, config: BertDataConfig, *,
                  process_index: int = 0, process_count: int = 1, cache_size: int = 4096):
-        _check_hosts(config.global_batch_size, process_index, process_count)
+        check_batch_layout(seq_len=config.seq_len, global_batch_size=config.global_batch_size,
+                           seed=config.seed, process_index=process_index,
+                           process_count=process_count)
         if len(documents) == 0:
             raise ValueError("documents is empty: BERT pretraining needs at least one document.")
         self.config = config
@@ -384,15 +387,6 @@ class BertPretrainingIterator:
                 raise ValueError(f"malformed BERT data state row {row_state!r}: expected "
                                  "[window_start, emitted].")
             stream.set_state(*row_state)
-
-
-def _check_hosts(global_batch_size: int, process_index: int, process_count: int) -> None:
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, process_count="
-                         f"{process_count}).")
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                         f"process_count={process_count}; each host gets an equal share.")
 
 
 def make_bert_pretraining_iterator(

@@ -36,6 +36,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from research.data.batching import check_batch_layout, check_int
+
 STATE_VERSION = 1
 _PERM_CACHE_SIZE = 4
 Batch = dict[str, np.ndarray]
@@ -63,19 +65,9 @@ class CausalLMIterator:
                  global_batch_size: int, seed: int, process_index: int = 0,
                  process_count: int = 1, repeat: bool = True, shuffle: bool | None = None,
                  prefetch: int = 2):
-        _check_int("seq_len", seq_len, 1)
-        _check_int("global_batch_size", global_batch_size, 1)
-        _check_int("seed", seed, 0)
-        _check_int("process_count", process_count, 1)
-        _check_int("prefetch", prefetch, 0)
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} must be in [0, process_count="
-                             f"{process_count}).")
-        if global_batch_size % process_count:
-            raise ValueError(
-                f"global_batch_size={global_batch_size} is not divisible by process_count="
-                f"{process_count}: every host must own the same number of rows. Choose a "
-                "global batch size that is a multiple of the number of processes.")
+        check_batch_layout(seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
+                           process_index=process_index, process_count=process_count)
+        check_int("prefetch", prefetch, 0)
         self.num_documents = len(source)
         if self.num_documents == 0:
             raise ValueError(f"Document source {getattr(source, 'name', source)!r} is empty; "
@@ -299,10 +291,6 @@ class CausalLMIterator:
         self._off = off.copy()
         self._pair_cache = [None] * len(self.rows)
 
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
 def make_causal_lm_iterator(source: Sequence[str], tokenizer: TokenizerLike, *,

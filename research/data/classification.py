@@ -46,8 +46,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from research.data.batching import check_batch_layout
+
 from research.data.local_builder import DataSourceError
-from research.data.sources import _TFDS_SPEC, expand_glob
+from research.data.sources import expand_glob, tfds_builder, tfds_data_source
 
 log = logging.getLogger(__name__)
 
@@ -308,24 +310,8 @@ def _read_tfds(rest: str, split: str | None, text_fields: tuple[str, ...], label
                ) -> tuple[_RawRows, list[str] | None, str]:
     import tensorflow_datasets as tfds
 
-    m = _TFDS_SPEC.match(rest)
-    if not m:
-        raise DataSourceError(f"Cannot parse 'tfds:{rest}'; expected "
-                              "'tfds:NAME[/CONFIG][:VERSION][:SPLIT]', e.g. "
-                              "'tfds:glue/sst2:validation'.")
-    name = m["name"] + (f":{m['version']}" if m["version"] else "")
-    if m["split"] and split and m["split"] != split:
-        raise DataSourceError(f"'tfds:{rest}' names split {m['split']!r} but split={split!r} "
-                              "was also passed; give the split in one place only.")
-    split = m["split"] or split or "train"
-    label = f"tfds:{name}:{split}"
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # DatasetNotFoundError, bad config/version
-        raise DataSourceError(
-            f"TFDS dataset {name!r} not found ({type(e).__name__}: {str(e)[:300]}). Check the "
-            "name/config (see `tfds.list_builders()`), or pass data_dir= where it is "
-            "prepared.") from e
+    builder, m, name, split, label = tfds_builder(rest, split, data_dir,
+                                                  "tfds:glue/sst2:validation")
     features = builder.info.features
     have = sorted(features.keys()) if features is not None else []
     for field in text_fields:
@@ -353,18 +339,8 @@ def _iter_tfds(builder, split: str, base_name: str, label: str, wanted: list[str
     """Yields the examples of a split (dicts of numpy values), random-access if possible."""
     import tensorflow_datasets as tfds
 
-    try:
-        source = builder.as_data_source(split=split)
-    except (NotImplementedError, ValueError, KeyError) as e:
-        if not builder.is_prepared():
-            raise DataSourceError(
-                f"TFDS dataset {builder.name!r} is not prepared in {builder.data_dir!r}; this "
-                "code never downloads. Prepare it once on a machine with network access, "
-                f"e.g. `tfds build {base_name} --file_format=array_record` (add "
-                "--data_dir=DIR and pass data_dir=DIR here).") from e
-        if not isinstance(e, NotImplementedError):
-            raise DataSourceError(f"Cannot open {label}: {e}. Check the split name "
-                                  f"(available: {list(builder.info.splits)}).") from e
+    source = tfds_data_source(builder, split, base_name, label)
+    if source is None:
         ds = builder.as_dataset(split=split, shuffle_files=False)
         ds = ds.map(lambda ex: {k: ex[k] for k in wanted})
         yield from tfds.as_numpy(ds)
@@ -635,18 +611,8 @@ class ClassificationIterator:
                  global_batch_size: int, seed: int, style: str = "encoder",
                  process_index: int = 0, process_count: int = 1, repeat: bool = True,
                  shuffle: bool | None = None):
-        _check_int("seq_len", seq_len, 1)
-        _check_int("global_batch_size", global_batch_size, 1)
-        _check_int("seed", seed, 0)
-        _check_int("process_count", process_count, 1)
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} must be in [0, process_count="
-                             f"{process_count}).")
-        if global_batch_size % process_count:
-            raise ValueError(
-                f"global_batch_size={global_batch_size} is not divisible by process_count="
-                f"{process_count}: every host must own the same number of rows. Choose a "
-                "global batch size that is a multiple of the number of processes.")
+        check_batch_layout(seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
+                           process_index=process_index, process_count=process_count)
         if len(examples) == 0:
             raise ValueError(f"Examples {examples.name!r} are empty; nothing to batch.")
         pair = len(examples.texts[0]) == 2
@@ -801,10 +767,6 @@ class ClassificationIterator:
                              f"an integer >= 0{limit}, got {position!r}.")
         self.position = position
 
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
 def make_classification_iterator(examples: Examples, tokenizer: TokenizerLike, *,

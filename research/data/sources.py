@@ -209,14 +209,36 @@ def expand_glob(pattern: str, prefix: str = "text") -> tuple[str, ...]:
     return tuple(sorted(os.path.abspath(p) for p in matches))
 
 
-def _open_tfds(rest: str, *, split: str | None, text_field: str, data_dir: str | None,
-               on_decode_error: str) -> DocumentSource:
+
+def tfds_data_source(builder, split: str, build_name: str, label: str):
+    """Random access to a prepared TFDS split, or None when it is prepared only as tfrecord
+    (the caller then reads it in order). Never downloads: an unprepared dataset or a bad split
+    is a DataSourceError saying how to fix it."""
+    try:
+        return builder.as_data_source(split=split)
+    except (NotImplementedError, ValueError, KeyError) as e:
+        if not builder.is_prepared():
+            raise DataSourceError(
+                f"TFDS dataset {builder.name!r} is not prepared in {builder.data_dir!r}; this "
+                "code never downloads. Prepare it once on a machine with network access, e.g. "
+                f"`tfds build {build_name} --file_format=array_record` (add --data_dir=DIR and "
+                "pass data_dir=DIR here).") from e
+        if not isinstance(e, NotImplementedError):
+            raise DataSourceError(f"Cannot open {label}: {e}. Check the split name "
+                                  f"(available: {list(builder.info.splits)}).") from e
+        return None
+
+def tfds_builder(rest: str, split: str | None, data_dir: str | None, example: str):
+    """Parses `NAME[/CONFIG][:VERSION][:SPLIT]` and opens the builder (never downloads).
+
+    Returns (builder, spec match, name, split, label such as 'tfds:glue/sst2:validation').
+    """
     import tensorflow_datasets as tfds
 
     m = _TFDS_SPEC.match(rest)
     if not m:
         raise DataSourceError(f"Cannot parse 'tfds:{rest}'; expected "
-                              "'tfds:NAME[/CONFIG][:VERSION][:SPLIT]', e.g. 'tfds:lm1b:test'.")
+                              f"'tfds:NAME[/CONFIG][:VERSION][:SPLIT]', e.g. '{example}'.")
     name = m["name"] + (f":{m['version']}" if m["version"] else "")
     if m["split"] and split and m["split"] != split:
         raise DataSourceError(f"'tfds:{rest}' names split {m['split']!r} but split={split!r} "
@@ -229,25 +251,20 @@ def _open_tfds(rest: str, *, split: str | None, text_field: str, data_dir: str |
             f"TFDS dataset {name!r} not found ({type(e).__name__}: {str(e)[:300]}). Check the "
             "name/config (see `tfds.list_builders()`), or pass data_dir= where it is "
             "prepared.") from e
+    return builder, m, name, split, f"tfds:{name}:{split}"
+
+
+def _open_tfds(rest: str, *, split: str | None, text_field: str, data_dir: str | None,
+               on_decode_error: str) -> DocumentSource:
+    builder, m, name, split, label = tfds_builder(rest, split, data_dir, "tfds:lm1b:test")
     features = builder.info.features
     if features is None or text_field not in features:
         have = sorted(features.keys()) if features is not None else []
         raise DataSourceError(
             f"TFDS dataset {name!r} has no feature {text_field!r} (features: {have}). Pass "
             "text_field=... (gin: open_documents.text_field) naming its text feature.")
-    label = f"tfds:{name}:{split}"
-    try:
-        data_source = builder.as_data_source(split=split)
-    except (NotImplementedError, ValueError, KeyError) as e:
-        if not builder.is_prepared():
-            raise DataSourceError(
-                f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}; this code "
-                "never downloads. Prepare it once on a machine with network access, e.g. "
-                f"`tfds build {m['name']} --file_format=array_record` (add --data_dir=DIR and "
-                "pass data_dir=DIR here).") from e
-        if not isinstance(e, NotImplementedError):
-            raise DataSourceError(f"Cannot open {label}: {e}. Check the split name "
-                                  f"(available: {list(builder.info.splits)}).") from e
+    data_source = tfds_data_source(builder, split, m["name"], label)
+    if data_source is None:
         return _read_tfrecord_into_memory(builder, split, text_field, label, on_decode_error)
     source = TfdsDocuments(data_source, text_field, label, on_decode_error)
     log.info("Opened %s (array_record, random access): %d documents.", label, len(source))
