@@ -31,10 +31,19 @@ from research.model import CausalLM, TransformerConfig
 
 @gin.configurable
 class CausalLMObjective:
-    """Autoregressive next-token prediction over packed documents (GPT pretraining)."""
+    """Autoregressive next-token prediction over packed documents (GPT pretraining).
+
+    `loss_chunk_size` (gin: `CausalLMObjective.loss_chunk_size = 128`): None computes the
+    full float32 [B, T, V] logits; an int computes the output projection and cross entropy
+    in sequence chunks of that length (`losses.chunked_cross_entropy`), so only
+    [B, chunk, V] logits are ever alive: same loss and gradients, less memory at large vocab.
+    """
 
     name = "causal_lm"
     required_special_pieces = ("bos", "eos", "pad")
+
+    def __init__(self, loss_chunk_size: int | None = None):
+        self.loss_chunk_size = loss_chunk_size
 
     def make_model(self, cfg: TransformerConfig) -> nn.Module:
         if not cfg.causal:
@@ -55,11 +64,23 @@ class CausalLMObjective:
 
     def loss(self, model: nn.Module, params: Any, batch: dict[str, jax.Array], rng: jax.Array,
              normalizers: dict[str, jax.Array], deterministic: bool):
-        logits = model.apply({"params": params}, batch["inputs"], segment_ids=batch["segment_ids"],
-                             positions=batch["positions"], deterministic=deterministic,
-                             rngs={"dropout": rng})
-        loss_sum, correct, count = losses.weighted_cross_entropy(
-            logits, batch["targets"], batch["weights"])
+        if self.loss_chunk_size:
+            hidden = model.apply({"params": params}, batch["inputs"],
+                                 segment_ids=batch["segment_ids"], positions=batch["positions"],
+                                 deterministic=deterministic, rngs={"dropout": rng},
+                                 method=CausalLM.hidden)
+
+            def project(h):
+                return model.apply({"params": params}, h, method=CausalLM.project)
+
+            loss_sum, correct, count = losses.chunked_cross_entropy(
+                hidden, project, batch["targets"], batch["weights"], self.loss_chunk_size)
+        else:
+            logits = model.apply({"params": params}, batch["inputs"],
+                                 segment_ids=batch["segment_ids"], positions=batch["positions"],
+                                 deterministic=deterministic, rngs={"dropout": rng})
+            loss_sum, correct, count = losses.weighted_cross_entropy(
+                logits, batch["targets"], batch["weights"])
         metrics = {"loss": (loss_sum, count), "accuracy": (correct, count)}
         return loss_sum / normalizers["tokens"], metrics
 
