@@ -4,7 +4,7 @@ Layout: `DIR/checkpoints/<step>/{params,opt_state,extra}`. `params` and `opt_sta
 sharded arrays (each host writes its shards; restore reshards onto whatever mesh the target
 shardings describe); `extra` is JSON: step, RNG key data and every process's data-iterator
 state. Orbax writes each step to a temporary directory and renames it when complete, so an
-interrupted save is never restored.
+interrupted save is never restored (and `Checkpointer` deletes its leftovers on opening).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -37,12 +38,36 @@ def allgather_json(obj: Any) -> list[Any]:
     return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(gathered, size.reshape(-1))]
 
 
+def remove_incomplete(directory: str) -> list[str]:
+    """Deletes step directories a killed run left half-written (Orbax's `*.orbax-checkpoint-tmp*`
+    names; complete steps are renamed to plain numbers only once fully written). Returns them."""
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in sorted(os.listdir(directory)):
+        if TMP_MARKER in name:
+            path = os.path.join(directory, name)
+            logging.warning("removing incomplete checkpoint %s (a save was interrupted; resuming "
+                            "from the last complete step)", path)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+            removed.append(name)
+    return removed
+
+
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
 class Checkpointer:
     """Saves every `save_every` steps (and when forced), keeps the last `keep`, async if asked."""
 
     def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self.save_every = max(1, int(save_every))
+        if jax.process_index() == 0:
+            remove_incomplete(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
@@ -54,6 +79,10 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
+
+    def should_save(self, step: int, *, force: bool = False) -> bool:
+        """Whether `save(step, force=force)` would write a checkpoint."""
+        return (force or step % self.save_every == 0) and step not in self.manager.all_steps()
 
     def save(self, step: int, state: dict[str, Any], data_state: Any, *, force: bool = False) -> bool:
         """Saves at `step` if it is a save step (or `force`). Collective: call on every process."""

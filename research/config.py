@@ -61,11 +61,22 @@ def resolve_gin_file(path: str) -> str:
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], *, finalize: bool = True) -> None:
-    """Parses files then bindings (bindings override files, including macros)."""
+    """Parses files then bindings (bindings override files, including macros).
+
+    Misspellings fail with the closest names: an unknown configurable or parameter, and a
+    macro override (`--gin.TRAIN_STEPZ=5`) that no gin file defines or uses."""
     import research.configurables  # noqa: F401 - registers every configurable before parsing
     gin.add_config_file_search_path(str(REPO_ROOT))
+    from research.reliability import check_gin_bindings, explain_gin_error
     files = [resolve_gin_file(f) for f in gin_files]
-    gin.parse_config_files_and_bindings(files, bindings, finalize_config=finalize)
+    check_gin_bindings(files, bindings, str(REPO_ROOT))
+    try:
+        gin.parse_config_files_and_bindings(files, bindings, finalize_config=finalize)
+    except ValueError as err:
+        better = explain_gin_error(err)
+        if better is None:
+            raise
+        raise ValueError(better) from err
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:

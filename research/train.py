@@ -9,7 +9,8 @@ Example:
       --gin.TRAIN_STEPS=200 --gin.MESH_SHAPE="{'data': 2, 'fsdp': 2, 'tensor': 2}" --workdir=/tmp/run
 
 Writes DIR/config.gin (operative config), DIR/run.json, DIR/metrics.jsonl, DIR/checkpoints/
-(Orbax) and DIR/tensorboard/.
+(Orbax) and DIR/tensorboard/. SIGTERM/SIGINT save a checkpoint and exit 0 (re-run to resume);
+a second run on a DIR in use, or with a different config, is refused (exit 1).
 """
 
 from __future__ import annotations
@@ -37,12 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     initialize_distributed(args)
-    parse_gin(args.gin_file, bindings)
+    try:
+        parse_gin(args.gin_file, bindings)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
     import jax
 
+    from research.reliability import ReliabilityError
     from research.trainer import train
 
-    metrics = train(args.workdir)
+    try:
+        metrics = train(args.workdir)
+    except ReliabilityError as err:  # refused or stopped to protect the run: no traceback needed
+        logging.error("%s", err)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
     if jax.process_index() == 0:
         print(json.dumps({"final": metrics}))
     return 0

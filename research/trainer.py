@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from research import checkpointing, losses, partitioning
+from research import checkpointing, losses, partitioning, reliability
 from research import init_checkpoint as init_checkpoint_lib
 from research.data.sources import open_documents
 from research.data.tokenizer import load_tokenizer
@@ -96,8 +96,16 @@ def build_setup(*, model_config: TransformerConfig, objective: Any, vocab: str, 
                  state_shardings, abstract_state, init_fn)
 
 
+NONFINITE_MODES = ("stop", "skip")
+
+
 def make_train_step(setup: Setup, microbatches: int = 1):
-    """The jitted update: (state, batch) -> (state, metric sums). The state is donated."""
+    """The jitted update: (state, batch) -> (state, metric sums). The state is donated.
+
+    A step whose loss or gradient norm is NaN/Inf leaves params and optimizer state unchanged
+    (only the step counter moves) and reports metrics["nonfinite"] = (1, 1); the loop then stops
+    or counts the skip (train.on_nonfinite). No extra host sync: the flag rides with the metrics.
+    """
     objective, model, optimizer = setup.objective, setup.model, setup.optimizer
 
     def step_fn(state: State, batch: dict[str, jax.Array]):
@@ -129,9 +137,15 @@ def make_train_step(setup: Setup, microbatches: int = 1):
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["params"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"][0]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep, params, state["params"])
+        opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
         one = jnp.ones((), jnp.float32)
         metrics = dict(metrics)
-        metrics["grad_norm"] = (optax.tree.norm(grads), one)
+        metrics["grad_norm"] = (grad_norm, one)
+        metrics["nonfinite"] = (1.0 - finite.astype(jnp.float32), one)
         metrics["learning_rate"] = (setup.schedule(state["step"]), one)
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                      "rng": state["rng"]}
@@ -250,7 +264,8 @@ def train(workdir: str, *,
           checkpoint_every: int = 1000,
           keep_checkpoints: int = 3,
           async_checkpoints: bool = True,
-          progress_bar: bool = True) -> dict[str, float]:
+          progress_bar: bool = True,
+          on_nonfinite: str = "stop") -> dict[str, float]:
     """Trains `objective` on `train_data`; returns the last logged metrics.
 
     Args mirror the run-config macros: TRAIN_STEPS (num_steps), BATCH_SIZE (global, in
@@ -261,8 +276,27 @@ def train(workdir: str, *,
     research.init_checkpoint; vocab None = the pretraining run's), `best_metric` (e.g.
     'eval/accuracy': the best parameters are kept in DIR/best) and `test_data`
     (predictions written to DIR/predictions.tsv). `eval_steps` None evaluates the whole set.
+
+    Reliability (see research/reliability.py): DIR is locked (DIR/.lock) while training; a DIR
+    with a config.gin only resumes with the same bindings; SIGTERM/SIGINT save a checkpoint at
+    the current step and return; a NaN/Inf loss or gradient stops the run naming the step
+    (`on_nonfinite='stop'`) or skips that update (`'skip'`, counted as train/skipped_steps).
     """
+    if on_nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"train.on_nonfinite={on_nonfinite!r}: use one of {NONFINITE_MODES}.")
+    kwargs = {k: v for k, v in locals().items() if k != "workdir"}
     os.makedirs(workdir, exist_ok=True)
+    with reliability.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
+            reliability.PreemptionGuard() as guard:
+        return _train(workdir, guard, **kwargs)
+
+
+def _train(workdir: str, guard: reliability.PreemptionGuard, *, model_config, objective,
+           train_data, eval_data, test_data, vocab, num_steps, num_epochs, batch_size, seq_len,
+           learning_rate, warmup_steps, warmup_fraction, seed, mesh_shape, microbatches,
+           init_checkpoint, assignment_map, best_metric, log_every, eval_every, eval_steps,
+           checkpoint_every, keep_checkpoints, async_checkpoints, progress_bar,
+           on_nonfinite) -> dict[str, float]:
     if vocab is None and init_checkpoint:
         info = init_checkpoint_lib.run_info(init_checkpoint) or {}
         vocab = info.get("vocab")
@@ -286,6 +320,9 @@ def train(workdir: str, *,
                         mesh_shape=mesh_shape or {"data": -1}, learning_rate=learning_rate,
                         num_steps=num_steps, warmup_steps=warmup_steps)
     _check_batch(batch_size, setup.mesh, microbatches)
+    # Before any compute: a DIR that holds a run only resumes that same run.
+    operative_config = gin.operative_config_str()
+    reliability.check_resume_config(workdir, operative_config)
     pid, nproc = jax.process_index(), jax.process_count()
     data_kwargs = dict(seq_len=seq_len, global_batch_size=batch_size, seed=seed,
                        process_index=pid, process_count=nproc)
@@ -312,6 +349,8 @@ def train(workdir: str, *,
             logging.info("restored from %s: %s", init_checkpoint, ", ".join(restored[:8])
                          + (" ..." if len(restored) > 8 else ""))
     _write_run_files(workdir, setup, vocab=vocab, seq_len=seq_len)
+    stop_on_nonfinite = on_nonfinite == "stop"
+    skipped_total = _previous_skips(workdir, start)
 
     train_step = make_train_step(setup, microbatches)
     eval_step = make_eval_step(setup) if eval_source is not None else None
@@ -334,6 +373,7 @@ def train(workdir: str, *,
     bar = _progress(start, num_steps, enabled=progress_bar and pid == 0)
     tokens_per_step = batch_size * seq_len
     pending, last, t0, t0_step = [], {}, time.time(), start
+    done, preempted = start, False
     for step in range(start, num_steps):
         with partitioning.mesh_rules(setup.mesh, setup.rules):
             batch = partitioning.global_batch(next(train_iter), setup.mesh)
@@ -341,13 +381,19 @@ def train(workdir: str, *,
         pending.append(metrics)
         done = step + 1
         eval_now = eval_step is not None and (done % eval_every == 0 or done == num_steps)
-        if done % log_every == 0 or done == num_steps or eval_now:
+        log_now = done % log_every == 0 or done == num_steps or eval_now
+        stop = _preemption_requested(guard, log_now, nproc)
+        if log_now or stop:
             host = _to_host(pending)
+            flags = [float(m.pop("nonfinite")[0]) for m in host]
+            _check_finite(flags, t0_step, stop_on_nonfinite, ckpt, workdir)
+            skipped_total += sum(f > 0 for f in flags)
             sums = {k: (sum(m[k][0] for m in host), sum(m[k][1] for m in host)) for k in host[0]}
             elapsed = time.time() - t0
             last = losses.summarize(sums, prefix="train/")
             last["train/tokens_per_sec"] = tokens_per_step * (done - t0_step) / max(elapsed, 1e-9)
             last["train/steps_per_sec"] = (done - t0_step) / max(elapsed, 1e-9)
+            last["train/skipped_steps"] = float(skipped_total)
             pending, t0, t0_step = [], time.time(), done
             if eval_now:
                 last.update(run_eval(state["params"]))
@@ -357,13 +403,30 @@ def train(workdir: str, *,
             bar.set_postfix(loss=f"{last['train/loss']:.3f}",
                             tok_s=f"{last['train/tokens_per_sec']:.0f}", refresh=False)
         bar.update(1)
-        ckpt.save(done, state, train_iter.get_state(), force=done == num_steps)
+        force = done == num_steps or stop
+        if ckpt.should_save(done, force=force):
+            if stop_on_nonfinite and pending:  # never checkpoint past an unchecked bad step
+                flags = [float(f) for f in _to_host([m["nonfinite"][0] for m in pending])]
+                _check_finite(flags, t0_step, True, ckpt, workdir)
+            ckpt.save(done, state, train_iter.get_state(), force=force)
+        if stop:
+            preempted = True
+            break
     bar.close()
     if start >= num_steps:
         logging.info("%s is already at step %d of %d: nothing to train (raise TRAIN_STEPS to "
                      "continue).", workdir, start, num_steps)
     train_iter.close()
     ckpt.close()
+    if preempted:
+        msg = (f"stopped by {guard.signal_name} at step {done} of {num_steps}; checkpoint saved to "
+               f"{os.path.join(ckpt.directory, str(done))}. Resume by re-running the same command "
+               f"(same --workdir): {reliability.resume_command()}")
+        logging.warning(msg)
+        if pid == 0:
+            print(msg, flush=True)
+        writer.close()
+        return last
     if test_data and predict_step is not None:
         params = state["params"]
         if best is not None and best.exists():
@@ -374,6 +437,51 @@ def train(workdir: str, *,
         best.close()
     writer.close()
     return last
+
+
+def _preemption_requested(guard: reliability.PreemptionGuard, log_now: bool, nproc: int) -> bool:
+    """Whether to stop after this step. With several processes they must agree (the save is
+    collective), so the signal is only acted on at log steps, where they compare flags."""
+    if nproc == 1:
+        return guard.requested
+    if not log_now:
+        return False
+    flags = multihost_utils.process_allgather(np.asarray([guard.requested], np.int32))
+    return bool(np.any(flags))
+
+
+def _check_finite(flags: list[float], first_step: int, stop: bool,
+                  ckpt: checkpointing.Checkpointer, workdir: str) -> None:
+    """Raises NonFiniteError naming the first non-finite step among steps first_step+1...
+    (flags[i] belongs to step first_step + i + 1) when `stop`."""
+    bad = [first_step + i + 1 for i, f in enumerate(flags) if f > 0]
+    if not bad or not stop:
+        return
+    ckpt.close()  # let in-flight saves (all before the bad step) commit
+    good = ckpt.latest_step()
+    where = (f"the last good checkpoint is step {good} ({os.path.join(ckpt.directory, str(good))})"
+             if good is not None else "there is no checkpoint yet")
+    raise reliability.NonFiniteError(
+        f"non-finite loss or gradient (NaN/Inf) at step {bad[0]} in {workdir}; that update was "
+        f"not applied and {where}. Either re-run the same command with "
+        "--gin.train.on_nonfinite=\"'skip'\" (resumes from that checkpoint and skips such "
+        "steps), or start over in a new --workdir with a lower LEARNING_RATE or more WARMUP_STEPS.")
+
+
+def _previous_skips(workdir: str, start: int) -> int:
+    """train/skipped_steps as last logged at or before `start` (so the count survives resume)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    count = 0
+    if start and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("step", start + 1) <= start and "train/skipped_steps" in record:
+                    count = int(record["train/skipped_steps"])
+    return count
 
 
 def _write_predictions(workdir, setup: Setup, predict_step, params, source, data_kwargs) -> None:
