@@ -425,6 +425,8 @@ def _train(workdir: str, guard: reliability.PreemptionGuard, *, model_config, ob
         logging.warning(msg)
         if pid == 0:
             print(msg, flush=True)
+        if best is not None:
+            best.close()
         writer.close()
         return last
     if test_data and predict_step is not None:

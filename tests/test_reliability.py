@@ -149,6 +149,7 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint(straight, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert max(checkpoint_steps(workdir)) < STEPS, "the run finished before it was killed"
     # What a kill during a save leaves behind: a half-written step directory.
     leftover = workdir / "checkpoints" / f"{STEPS - 1}.orbax-checkpoint-tmp-1234"
     (leftover / "params").mkdir(parents=True)
@@ -250,3 +251,37 @@ def test_misspelled_gin_bindings_suggest_the_right_name(clean_gin, binding, expe
 def test_correct_macro_override_parses(clean_gin):
     parse_gin(FILES, ["TRAIN_STEPS = 5"], finalize=False)
     assert gin.query_parameter("%TRAIN_STEPS") == 5
+
+
+def test_a_nonfinite_step_leaves_params_and_optimizer_unchanged():
+    from research import partitioning
+    from research.data.causal_lm import make_causal_lm_iterator
+    from research.data.sources import DocumentList
+    from research.model import TransformerConfig
+    from research.objectives import CausalLMObjective
+    from research.trainer import build_setup, make_train_step
+
+    from .conftest import austen_paragraphs
+    cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                            max_len=64, vocab_multiple=8)
+    setup = build_setup(model_config=cfg, objective=CausalLMObjective(),
+                        vocab=str(ROOT / "data/tokenizers/austen_8k.model"), seq_len=32,
+                        batch_size=8, seed=0, mesh_shape={"data": -1}, learning_rate=1e-2,
+                        num_steps=10, warmup_steps=0)
+    it = make_causal_lm_iterator(DocumentList(austen_paragraphs(100)), setup.tokenizer,
+                                 seq_len=32, global_batch_size=8, seed=0)
+    step = make_train_step(setup)
+    state = setup.init_state()
+    with partitioning.mesh_rules(setup.mesh, setup.rules):
+        state, m = step(state, partitioning.global_batch(next(it), setup.mesh))  # a good step
+        assert float(m["nonfinite"][0]) == 0.0
+        leaves, treedef = jax.tree.flatten(state["params"])
+        leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(np.inf)  # poison one weight
+        poisoned = {**state, "params": jax.tree.unflatten(treedef, leaves)}
+        before = jax.tree.map(np.asarray, {k: poisoned[k] for k in ("params", "opt_state")})
+        after, m = step(poisoned, partitioning.global_batch(next(it), setup.mesh))
+    assert float(m["nonfinite"][0]) == 1.0
+    assert int(after["step"]) == 2
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(
+            {k: after[k] for k in ("params", "opt_state")})):
+        np.testing.assert_array_equal(np.asarray(b), a)
