@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -66,6 +67,7 @@ class Checkpointer:
     def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self.save_every = max(1, int(save_every))
+        self._in_flight: int | None = None  # step of an async save not yet known to be committed
         if jax.process_index() == 0:
             remove_incomplete(self.directory)
         options = ocp.CheckpointManagerOptions(
@@ -94,10 +96,61 @@ class Checkpointer:
                  "rng": np.asarray(jax.random.key_data(state["rng"])).tolist(),
                  "data_state": allgather_json(data_state),
                  "process_count": jax.process_count()}
-        return self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state["params"]),
-            opt_state=ocp.args.StandardSave(state["opt_state"]),
-            extra=ocp.args.JsonSave(extra)), force=True)
+        self.wait()  # an earlier async save that failed is reported as that step's failure
+        try:
+            self._in_flight = step
+            saved = self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state["params"]),
+                opt_state=ocp.args.StandardSave(state["opt_state"]),
+                extra=ocp.args.JsonSave(extra)), force=True)
+        except Exception as err:  # noqa: BLE001 - disk full, I/O error, orbax's wrapped errors
+            raise self._save_failed(step, err) from err
+        return saved
+
+    def _save_failed(self, step: int | None, err: Exception) -> Exception:
+        """Removes what the failed save of `step` left, and returns the error to raise: the
+        reason, the intact earlier checkpoint, and what to do."""
+        from research.reliability import CheckpointSaveError, resume_command
+        self._in_flight = None
+        try:
+            self.manager.wait_until_finished()  # let the save's other writers stop
+        except Exception:  # noqa: BLE001 - the same failure
+            pass
+        if jax.process_index() == 0:
+            # Writers of the failed save's other items may still be finishing: clean until the
+            # directory stays clean for a moment (a leftover is removed on the next start).
+            quiet_since, deadline = None, time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                if remove_incomplete(self.directory):
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since > 0.5:
+                    break
+                time.sleep(0.05)
+            final = os.path.join(self.directory, str(step))
+            if step is not None and os.path.isdir(final):  # renamed into place but its save did not finish
+                logging.warning("removing checkpoint %s: its save failed", final)
+                shutil.rmtree(final, ignore_errors=True)
+        try:
+            self.manager.reload()
+        except Exception:  # noqa: BLE001 - the steps are read from disk below anyway
+            pass
+        steps = sorted(int(n) for n in os.listdir(self.directory)
+                       if n.isdigit() and int(n) != step) if os.path.isdir(self.directory) else []
+        previous = (f"the previous checkpoint at step {steps[-1]} is intact "
+                    f"({os.path.join(self.directory, str(steps[-1]))})" if steps else
+                    "there is no earlier checkpoint (a re-run starts from step 0)")
+        chain, e = [], err
+        while e is not None and e not in chain:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        disk = any(isinstance(e, OSError) for e in chain) or "No space left" in str(err)
+        todo = ("free space (or fix the disk error) on " + self.directory if disk
+                else "fix the cause above")
+        return CheckpointSaveError(
+            f"checkpoint save{'' if step is None else f' at step {step}'} failed: {type(err).__name__}: {err}; {previous}; "
+            f"{todo} and re-run the same command to resume: {resume_command()}")
 
     def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """Restores the state onto the shardings of `abstract_state`; returns (state, data_state)."""
@@ -130,11 +183,21 @@ class Checkpointer:
         return restored["params"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for an async save; raises CheckpointSaveError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - the background commit's error surfaces here
+            raise self._save_failed(self._in_flight, err) from err
+        self._in_flight = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception as err:  # noqa: BLE001 - already reporting the save failure
+                logging.warning("closing the checkpoint manager: %s", err)
 
 
 class BestCheckpoint:

@@ -67,16 +67,26 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], *, finalize: bo
     macro override (`--gin.TRAIN_STEPZ=5`) that no gin file defines or uses."""
     import research.configurables  # noqa: F401 - registers every configurable before parsing
     gin.add_config_file_search_path(str(REPO_ROOT))
-    from research.reliability import check_gin_bindings, explain_gin_error
+    from research.reliability import (check_gin_bindings, explain_gin_error,
+                                      explain_missing_required)
     files = [resolve_gin_file(f) for f in gin_files]
     check_gin_bindings(files, bindings, str(REPO_ROOT))
     try:
         gin.parse_config_files_and_bindings(files, bindings, finalize_config=finalize)
     except ValueError as err:
-        better = explain_gin_error(err)
+        better = explain_gin_error(err) or explain_missing_required(err, files, bindings,
+                                                                      str(REPO_ROOT))
         if better is None:
             raise
         raise ValueError(better) from err
+
+
+def check_required(fn, name: str, gin_files: Sequence[str], bindings: Sequence[str]) -> None:
+    """After `parse_gin`: ValueError naming every gin.REQUIRED parameter of configurable
+    `name` (the function `fn`) left unbound, and the macro or binding to set."""
+    from research.reliability import check_required_bindings
+    files = [resolve_gin_file(f) for f in gin_files]
+    check_required_bindings(fn, name, files, bindings, str(REPO_ROOT))
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:

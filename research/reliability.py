@@ -22,7 +22,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 
 class ReliabilityError(RuntimeError):
@@ -276,3 +276,194 @@ def explain_gin_error(err: Exception) -> str | None:
         return (f"{name} has no parameter {param!r}.{_suggest(param, params)}\n{text}\n"
                 f"Its parameters: {', '.join(params) or '(unknown)'}.")
     return None
+
+
+# ------------------------------------------------------------------------ required values -----
+
+class CheckpointSaveError(ReliabilityError):
+    """A checkpoint could not be written (disk full, I/O error); earlier ones are intact."""
+
+
+class InvalidConfigError(ReliabilityError, TypeError, ValueError):
+    """A train() argument (run-config macro) has the wrong type or range."""
+
+
+# Example values for the "pass --gin.NAME=..." hint of a missing required binding.
+_EXAMPLES = {
+    "vocab": "\"'path.model'\"", "train_data": "\"'text:data/*.txt'\"",
+    "eval_data": "\"'text:data/*.txt'\"", "num_steps": "1000", "batch_size": "16",
+    "seq_len": "256", "learning_rate": "6e-4", "model_config": "@TransformerConfig()",
+    "objective": "@CausalLMObjective()",
+}
+_MISSING_MACRO = re.compile(r"No bindings specified for '([A-Za-z_]\w*)/gin\.macro'")
+_REQUIRED_LEFT = re.compile(r"^([\w./]+?)(?:/macro\.value|\.(\w+)) set to `%gin\.REQUIRED`")
+
+
+def _users(macro: str, texts: Sequence[str]) -> list[str]:
+    """Bindings ('train.vocab') whose value is `%macro` in the gin texts."""
+    out = []
+    for text in texts:
+        for m in re.finditer(rf"^\s*([\w./]+)\s*=\s*%{macro}\b", text, flags=re.M):
+            if m.group(1) not in out and "." in m.group(1):
+                out.append(m.group(1))
+    return out
+
+
+def _missing_text(binding: str | None, macro: str | None) -> str:
+    param = binding.rsplit(".", 1)[-1] if binding else (macro or "").lower()
+    example = _EXAMPLES.get(param, "VALUE")
+    if macro:
+        what = binding or f"macro {macro}"
+        return (f"{what} is required: set {macro} in the run config or pass "
+                f"--gin.{macro}={example}")
+    return (f"{binding} is required: bind it in the run config ({binding} = ...) or pass "
+            f"--gin.{binding}={example}")
+
+
+def explain_missing_required(err: Exception, files: Sequence[str], bindings: Sequence[str],
+                             search_root: str) -> str | None:
+    """One line naming every required value left unset (a macro no file defines, a macro or
+    binding left at %gin.REQUIRED) and how to set it; None if `err` is not about that."""
+    text = str(err)
+    first = _MISSING_MACRO.search(text)
+    left = _REQUIRED_LEFT.search(text)
+    if not first and not left:
+        return None
+    texts = [*_gin_texts(files, search_root), *bindings]
+    referenced = {m for t in texts for m in re.findall(r"%([A-Za-z_]\w*)\b(?!\.)", t)}
+    defined = {m for t in texts for m in re.findall(r"^\s*([A-Za-z_]\w*)\s*=", t, flags=re.M)}
+    macros = sorted(referenced - defined)
+    for b in bindings:  # --gin.NAME=%gin.REQUIRED
+        name, _, value = b.partition("=")
+        if value.strip() == "%gin.REQUIRED" and "." not in name.strip():
+            macros.append(name.strip())
+    if first:
+        macros.append(first.group(1))
+    direct = []
+    if left:
+        if left.group(2) is None:
+            macros.append(left.group(1))
+        else:
+            direct.append(f"{left.group(1)}.{left.group(2)}")
+    parts = []
+    for macro in dict.fromkeys(macros):
+        for binding in _users(macro, texts) or [None]:
+            parts.append(_missing_text(binding, macro))
+    parts += [_missing_text(b, None) for b in direct]
+    return "; ".join(parts) + "."
+
+
+def check_required_bindings(fn: Any, name: str, files: Sequence[str], bindings: Sequence[str],
+                            search_root: str) -> None:
+    """After parsing: every gin.REQUIRED parameter of configurable `name` (function `fn`) is
+    bound; otherwise ValueError naming them all and the macro to set."""
+    import gin
+    missing = []
+    for param, p in inspect.signature(fn).parameters.items():
+        if p.default is not gin.REQUIRED:
+            continue
+        try:
+            gin.query_parameter(f"{name}.{param}")
+        except ValueError:
+            missing.append(param)
+    if not missing:
+        return
+    texts = _gin_texts(files, search_root)
+    parts = []
+    for param in missing:
+        macro = _MACROS.get(param)
+        # Suggest the macro only if the gin files define it (otherwise the override is refused).
+        known = macro and any(re.search(rf"^\s*{macro}\s*=", t, flags=re.M) for t in texts)
+        parts.append(_missing_text(f"{name}.{param}", macro if known else None))
+    raise ValueError("; ".join(parts) + ".")
+
+
+def explain_required_runtime(err: Exception) -> str | None:
+    """gin's call-time 'Required bindings for `train` not provided' as one helpful line."""
+    m = re.search(r"Required bindings for `([\w.]+)` not provided in config: \[([^\]]*)\]", str(err))
+    if not m:
+        return None
+    name = m.group(1)
+    params = re.findall(r"'(\w+)'", m.group(2))
+    return "; ".join(_missing_text(f"{name}.{p}", None) for p in params) + "."
+
+
+# ------------------------------------------------------------------------ train() types -------
+
+# The run-config macro of each train() parameter (for messages).
+_MACROS = {
+    "num_steps": "TRAIN_STEPS", "batch_size": "BATCH_SIZE", "seq_len": "SEQ_LEN",
+    "learning_rate": "LEARNING_RATE", "warmup_steps": "WARMUP_STEPS", "seed": "SEED",
+    "mesh_shape": "MESH_SHAPE", "train_data": "TRAIN_DATA", "eval_data": "EVAL_DATA",
+    "test_data": "TEST_DATA", "vocab": "VOCAB", "num_epochs": "EPOCHS",
+    "warmup_fraction": "WARMUP_FRACTION", "init_checkpoint": "INIT_CHECKPOINT",
+}
+
+
+def _is_int(v) -> bool:
+    import numbers
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    import numbers
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+_POS_INT = ("a positive int", lambda v: _is_int(v) and v > 0, "16")
+_NONNEG_INT = ("a non-negative int", lambda v: _is_int(v) and v >= 0, "0")
+_POS_NUM = ("a positive number", lambda v: _is_number(v) and v > 0 and v == v and v != float("inf"), "6e-4")
+_STR = ("a string", lambda v: isinstance(v, str), "\"'...'\"")
+
+
+def _or_none(rule):
+    desc, ok, ex = rule
+    return (desc + " or None", lambda v: v is None or ok(v), ex)
+
+
+_TRAIN_RULES = {
+    "num_steps": _or_none(_POS_INT),
+    "batch_size": _POS_INT,
+    "seq_len": _POS_INT,
+    "learning_rate": _POS_NUM,
+    "warmup_steps": _or_none(_NONNEG_INT),
+    "warmup_fraction": ("a number in [0, 1] or None",
+                        lambda v: v is None or (_is_number(v) and 0 <= v <= 1), "0.1"),
+    "num_epochs": _or_none(_POS_NUM),
+    "seed": ("an int", _is_int, "0"),
+    "mesh_shape": ("a dict of axis name to int (or None)",
+                   lambda v: v is None or (isinstance(v, dict) and all(
+                       isinstance(k, str) and _is_int(n) for k, n in v.items())),
+                   "\"{'data': -1}\""),
+    "train_data": _STR,
+    "eval_data": _or_none(_STR),
+    "test_data": _or_none(_STR),
+    "vocab": _or_none(_STR),
+    "init_checkpoint": _or_none(_STR),
+    "best_metric": _or_none(_STR),
+    "microbatches": _POS_INT,
+    "log_every": _POS_INT,
+    "eval_every": _or_none(_POS_INT),
+    "eval_steps": _or_none(_POS_INT),
+    "checkpoint_every": _POS_INT,
+    "keep_checkpoints": _or_none(_POS_INT),
+    "async_checkpoints": ("a bool (True/False)", lambda v: isinstance(v, bool), "True"),
+    "progress_bar": ("a bool (True/False)", lambda v: isinstance(v, bool), "True"),
+}
+
+
+def validate_train_args(args: dict[str, Any]) -> None:
+    """TypeError/ValueError naming every train() argument of the wrong type or range: the
+    macro, the value, its type, what is expected and an example override."""
+    problems = []
+    for param, (desc, ok, example) in _TRAIN_RULES.items():
+        if param not in args or ok(args[param]):
+            continue
+        value = args[param]
+        macro = _MACROS.get(param)
+        where = f"{macro} (train.{param})" if macro else f"train.{param}"
+        flag = f"--gin.{macro or 'train.' + param}={_EXAMPLES.get(param, example)}"
+        problems.append(f"{where} = {value!r} ({type(value).__name__}) must be {desc}; "
+                        f"fix it in the run config or pass e.g. {flag}")
+    if problems:
+        raise InvalidConfigError("invalid train() arguments: " + "; ".join(problems) + ".")

@@ -20,7 +20,8 @@ import json
 import logging
 import sys
 
-from research.config import add_common_flags, initialize_distributed, parse_gin, split_gin_bindings
+from research.config import (add_common_flags, check_required, initialize_distributed, parse_gin,
+                             split_gin_bindings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,21 +39,29 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     initialize_distributed(args)
+    from research.trainer import train
     try:
         parse_gin(args.gin_file, bindings)
+        check_required(train, "train", args.gin_file, bindings)  # before any compute
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
     import jax
 
-    from research.reliability import ReliabilityError
-    from research.trainer import train
+    from research.reliability import ReliabilityError, explain_required_runtime
 
     try:
         metrics = train(args.workdir)
     except ReliabilityError as err:  # refused or stopped to protect the run: no traceback needed
-        logging.error("%s", err)
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        text = str(err).split("\n  In call to configurable")[0]  # gin's note: noise here
+        logging.error("%s", text)
+        print(f"error: {text}", file=sys.stderr, flush=True)
         return 1
+    except RuntimeError as err:  # gin: a REQUIRED parameter unbound (check_required missed it)
+        better = explain_required_runtime(err)
+        if better is None:
+            raise
+        print(f"error: {better}", file=sys.stderr, flush=True)
+        return 2
     if jax.process_index() == 0:
         print(json.dumps({"final": metrics}))
     return 0

@@ -285,6 +285,7 @@ def train(workdir: str, *,
     if on_nonfinite not in NONFINITE_MODES:
         raise ValueError(f"train.on_nonfinite={on_nonfinite!r}: use one of {NONFINITE_MODES}.")
     kwargs = {k: v for k, v in locals().items() if k != "workdir"}
+    reliability.validate_train_args(kwargs)  # wrong types fail here, before any compute
     os.makedirs(workdir, exist_ok=True)
     with reliability.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
             reliability.PreemptionGuard() as guard:
@@ -408,7 +409,13 @@ def _train(workdir: str, guard: reliability.PreemptionGuard, *, model_config, ob
             if stop_on_nonfinite and pending:  # never checkpoint past an unchecked bad step
                 flags = [float(f) for f in _to_host([m["nonfinite"][0] for m in pending])]
                 _check_finite(flags, t0_step, True, ckpt, workdir)
-            ckpt.save(done, state, train_iter.get_state(), force=force)
+            try:
+                ckpt.save(done, state, train_iter.get_state(), force=force)
+            except reliability.CheckpointSaveError:  # disk full...: stop; earlier ones intact
+                bar.close()
+                train_iter.close()
+                writer.close()
+                raise
         if stop:
             preempted = True
             break
@@ -417,7 +424,11 @@ def _train(workdir: str, guard: reliability.PreemptionGuard, *, model_config, ob
         logging.info("%s is already at step %d of %d: nothing to train (raise TRAIN_STEPS to "
                      "continue).", workdir, start, num_steps)
     train_iter.close()
-    ckpt.close()
+    try:
+        ckpt.close()  # an async save's failure surfaces here
+    except reliability.CheckpointSaveError:
+        writer.close()
+        raise
     if preempted:
         msg = (f"stopped by {guard.signal_name} at step {done} of {num_steps}; checkpoint saved to "
                f"{os.path.join(ckpt.directory, str(done))}. Resume by re-running the same command "
