@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import logging
 import os
 import re
@@ -192,6 +193,36 @@ def check_resume_config(workdir: str, new_config: str,
             + "\nOnly TRAIN_STEPS and the logging/eval/checkpoint cadence may change on resume. "
             "Resume with the same command, or pick a new --workdir.")
 
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """What a checkpoint depends on in its tokenizer: size and special-piece ids."""
+    names = ("pad", "unk", "bos", "eos", "cls", "sep", "mask")
+    return {"vocab_size": int(tokenizer.vocab_size),
+            "special_ids": {n: int(getattr(tokenizer, f"{n}_id", -1)) for n in names}}
+
+
+def check_resume_tokenizer(workdir: str, tokenizer) -> None:
+    """Raises ConfigMismatchError if DIR/run.json records a tokenizer whose size or special
+    ids differ from `tokenizer` (e.g. VOCAB's file was replaced at the same path)."""
+    path = os.path.join(workdir, "run.json")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f).get("tokenizer")
+    new = tokenizer_fingerprint(tokenizer)
+    if old is None or old == new:
+        return
+    diffs = [f"  vocab_size: {old.get('vocab_size')}  ->  {new['vocab_size']}"] \
+        if old.get("vocab_size") != new["vocab_size"] else []
+    for name, pid in new["special_ids"].items():
+        before = old.get("special_ids", {}).get(name)
+        if before != pid:
+            diffs.append(f"  {name} id: {before}  ->  {pid}")
+    raise ConfigMismatchError(
+        f"{workdir} was trained with a different tokenizer than VOCAB={getattr(tokenizer, 'path', '?')!r} "
+        f"({path}):\n" + "\n".join(diffs) + "\nThe checkpoint's embeddings only fit the "
+        "original tokenizer: restore that .model file, or pick a new --workdir.")
 
 # ------------------------------------------------------------------------ gin spelling --------
 

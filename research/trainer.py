@@ -324,6 +324,7 @@ def _train(workdir: str, guard: reliability.PreemptionGuard, *, model_config, ob
     # Before any compute: a DIR that holds a run only resumes that same run.
     operative_config = gin.operative_config_str()
     reliability.check_resume_config(workdir, operative_config)
+    reliability.check_resume_tokenizer(workdir, setup.tokenizer)
     pid, nproc = jax.process_index(), jax.process_count()
     data_kwargs = dict(seq_len=seq_len, global_batch_size=batch_size, seed=seed,
                        process_index=pid, process_count=nproc)
@@ -521,7 +522,8 @@ def _write_run_files(workdir: str, setup: Setup, *, vocab: str, seq_len: int) ->
     with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
         f.write(gin.operative_config_str())
     info = {"model_config": dataclasses.asdict(setup.cfg), "objective": setup.objective.name,
-            "vocab": os.path.abspath(vocab), "seq_len": seq_len}
+            "vocab": os.path.abspath(vocab), "seq_len": seq_len,
+            "tokenizer": reliability.tokenizer_fingerprint(setup.tokenizer)}
     with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
 

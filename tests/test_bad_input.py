@@ -2,6 +2,7 @@
 checkpoint save (the previous checkpoint stays intact and restorable)."""
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -156,3 +157,36 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert data_state == {"position": 10} and int(restored["step"]) == 10
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(restored["params"])):
         np.testing.assert_array_equal(np.asarray(b), a)
+
+
+# ------------------------------------------------------- resuming with another tokenizer ------
+
+def test_resume_refuses_a_tokenizer_replaced_at_the_same_path(tmp_path, sp_model):
+    """DIR/run.json records the tokenizer's size and special ids; resuming with a different
+    .model at the same VOCAB path is refused before any compute, naming what changed."""
+    import shutil
+
+    from research.data.tokenizer import train_sentencepiece
+    from .conftest import austen_paragraphs
+
+    vocab = tmp_path / "vocab.model"
+    shutil.copy(sp_model, vocab)
+    workdir = tmp_path / "run"
+    args = [sys.executable, "-m", "research.train", "--gin_file=configs/models/gpt_tiny.gin",
+            "--gin_file=configs/runs/pretrain_causal.gin", "--gin.TRAIN_STEPS=2",
+            "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=32", "--gin.EVAL_DATA=None",
+            "--gin.train.progress_bar=False", f"--gin.VOCAB='{vocab}'",
+            "--gin.TRAIN_DATA='text:data/austen/persuasion.txt'", f"--workdir={workdir}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((workdir / "run.json").read_text())["tokenizer"]["vocab_size"] == 1000
+
+    other = train_sentencepiece(austen_paragraphs(2000), str(tmp_path / "other"), vocab_size=700)
+    shutil.copy(other.path, vocab)
+    again = subprocess.run([*args[:5], "--gin.TRAIN_STEPS=4", *args[6:]], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0
+    assert "different tokenizer" in again.stderr and "vocab_size: 1000  ->  700" in again.stderr
+    assert json.loads((workdir / "run.json").read_text())["tokenizer"]["vocab_size"] == 1000
