@@ -25,7 +25,28 @@ CONTROL_PIECES = ("[CLS]", "[SEP]", "[MASK]")
 WORD_START = "\u2581"  # SentencePiece's word-boundary marker
 
 
-class Tokenizer:
+class SpecialPieces:
+    """What both tokenizers (SentencePiece here, WordPiece in wordpiece.py) share: the special
+    ids (-1 when absent) and decoding without them. Subclasses set `pad_id`, `bos_id`,
+    `eos_id`, `cls_id`, `sep_id`, `mask_id` and implement `_decode_ids(list[int]) -> str`."""
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that are never real text (pad, bos, eos, cls, sep, mask; unk excluded)."""
+        ids = {self.pad_id, self.bos_id, self.eos_id, self.cls_id, self.sep_id, self.mask_id}
+        return frozenset(i for i in ids if i >= 0)
+
+    def missing_special(self, names) -> list[str]:
+        """The named special pieces (`"bos"`, `"cls"`, ...) this vocabulary lacks."""
+        return [n for n in names if getattr(self, f"{n}_id") < 0]
+
+    def decode(self, ids) -> str:
+        """Text of `ids` (any shape), special ids dropped."""
+        flat = [int(i) for i in np.asarray(ids).reshape(-1)]
+        return self._decode_ids([i for i in flat if i not in self.special_ids])
+
+
+class Tokenizer(SpecialPieces):
     """A loaded SentencePiece model and the ids of its special pieces."""
 
     def __init__(self, model_path: str):
@@ -51,15 +72,9 @@ class Tokenizer:
             return fallback
         return pid
 
-    @property
-    def special_ids(self) -> frozenset[int]:
-        """Ids that are never real text (pad, unk excluded, bos, eos, cls, sep, mask)."""
-        ids = {self.pad_id, self.bos_id, self.eos_id, self.cls_id, self.sep_id, self.mask_id}
-        return frozenset(i for i in ids if i >= 0)
-
     def require_special(self, *names: str) -> None:
         """Raise a clear error if this model lacks one of the named special pieces."""
-        missing = [n for n in names if getattr(self, f"{n}_id") < 0]
+        missing = self.missing_special(names)
         if missing:
             raise ValueError(
                 f"SentencePiece model {self.path!r} has no {', '.join(missing)} piece(s), "
@@ -72,9 +87,8 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts, out_type=int)
 
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-        return self.sp.decode([i for i in ids if i not in self.special_ids])
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from research.data.tokenizer import SpecialPieces
+
 PAD_PIECE, UNK_PIECE, CLS_PIECE = "[PAD]", "[UNK]", "[CLS]"
 SEP_PIECE, MASK_PIECE = "[SEP]", "[MASK]"
 CONTINUATION = "##"
@@ -56,7 +58,7 @@ def _looks_cased(vocab: dict[str, int]) -> bool:
     return bool(pieces) and upper > 0.01 * len(pieces)
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(SpecialPieces):
     """A BERT WordPiece vocabulary with the same interface as `research.data.tokenizer.Tokenizer`.
 
     Args:
@@ -107,15 +109,9 @@ class WordPieceTokenizer:
         pid = self._tok.token_to_id(piece)
         return -1 if pid is None else int(pid)
 
-    @property
-    def special_ids(self) -> frozenset[int]:
-        """Ids that are never real text (pad, cls, sep, mask; unk excluded)."""
-        ids = {self.pad_id, self.bos_id, self.eos_id, self.cls_id, self.sep_id, self.mask_id}
-        return frozenset(i for i in ids if i >= 0)
-
     def require_special(self, *names: str) -> None:
         """Raise a clear error if this vocabulary lacks one of the named special pieces."""
-        missing = [n for n in names if getattr(self, f"{n}_id") < 0]
+        missing = self.missing_special(names)
         if not missing:
             return
         if set(missing) & {"bos", "eos"}:
@@ -134,10 +130,9 @@ class WordPieceTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids) -> str:
-        """Text of `ids` (any shape), special ids dropped, `##` pieces joined."""
-        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-        return self._tok.decode([i for i in ids if i not in self.special_ids])
+    def _decode_ids(self, ids: list[int]) -> str:
+        """`##` pieces joined (called by SpecialPieces.decode with specials dropped)."""
+        return self._tok.decode(ids)
 
     def id_to_piece(self, i: int) -> str:
         return self._tok.id_to_token(int(i))
