@@ -450,7 +450,25 @@ def _train(workdir: str, guard: reliability.PreemptionGuard, *, model_config, ob
     if best is not None:
         best.close()
     writer.close()
+    if done > start or not os.path.exists(os.path.join(workdir, "final.json")):
+        _write_final(workdir, done, num_steps, last, best)
     return last
+
+
+def _write_final(workdir: str, step: int, num_steps: int, last: dict[str, float],
+                 best: checkpointing.BestCheckpoint | None) -> None:
+    """DIR/final.json, written only when a run reaches num_steps (never on preemption or error):
+    the completion marker research.sweep uses to skip finished trials. Holds the last logged
+    metrics and, with train.best_metric, the best step and its metrics."""
+    if jax.process_index() != 0:
+        return
+    info = {"step": step, "num_steps": num_steps, "metrics": last, "finished_at": time.time()}
+    if best is not None and best.record is not None:
+        info["best"] = best.record
+    path = os.path.join(workdir, "final.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _preemption_requested(guard: reliability.PreemptionGuard, log_now: bool, nproc: int) -> bool:

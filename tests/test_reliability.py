@@ -132,9 +132,11 @@ def test_sigterm_saves_and_resumes_exactly_and_the_workdir_is_locked(straight, t
     assert 3 <= reached < STEPS
     assert reached in checkpoint_steps(workdir)
     assert "Resume by re-running the same command" in out and "--workdir=" in out
+    assert not (workdir / "final.json").exists()  # not finished: research.sweep resumes it
 
     run(args)  # the same command resumes and finishes
     assert_same_losses(workdir, metrics(straight))
+    assert json.loads((workdir / "final.json").read_text())["step"] == STEPS
 
 
 def test_kill_9_resumes_from_the_last_complete_checkpoint(straight, tmp_path):

@@ -134,6 +134,9 @@ def test_cli_writes_the_run_directory(trained_workdir):
     assert "TRAIN_STEPS = 8" in config and "TransformerConfig.d_model = 64" in config
     assert list((w / "tensorboard").iterdir())
     assert json.loads((w / "run.json").read_text())["objective"] == "causal_lm"
+    final = json.loads((w / "final.json").read_text())  # the completion marker research.sweep reads
+    assert final["step"] == final["num_steps"] == 8
+    assert final["metrics"]["train/loss"] == metrics[-1]["train/loss"]
 
 
 def test_resume_reproduces_the_uninterrupted_run(trained_workdir, tmp_path):
