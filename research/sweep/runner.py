@@ -1,0 +1,587 @@
+"""Runs a sweep's trials and keeps their bookkeeping: ROOT/sweep.json, ROOT/<trial>/trial.json.
+
+Per trial, on every `run`: done (final.json exists) -> skipped; failed -> reported, rerun only
+with --retry_failed; pending, interrupted, or "running" from a sweep that died -> run again
+(research.train resumes from its checkpoints); running in another live process or submitted
+to SLURM and still queued -> left alone. Ctrl-C / SIGTERM forward one SIGTERM to the running
+trials (they checkpoint and exit), which are then marked interrupted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import queue
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from typing import IO, Any, Sequence
+
+from research.sweep.launchers import Launcher, SlurmLauncher, job_in_queue
+from research.sweep.spec import SweepError, SweepSpec, Trial, expand, sweep_json, to_json
+
+STATUS_ORDER = ("done", "failed", "interrupted", "running", "submitted", "pending")
+TAIL_LINES = 20
+
+
+# ------------------------------------------------------------------------ files --------------
+
+def write_json(path: str, data: Any) -> None:
+    """Writes JSON atomically (temp file + rename)."""
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any | None:
+    """The parsed file, or None when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def tail(path: str, lines: int = TAIL_LINES, max_bytes: int = 65536) -> list[str]:
+    """The last `lines` lines of a (possibly large) text file; [] if it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", errors="replace").splitlines()[-lines:]
+
+
+def git_info(cwd: str) -> tuple[str | None, bool | None]:
+    """(HEAD commit, dirty) of the git repository at cwd; (None, None) outside git."""
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout if proc.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None, None
+    status = git("status", "--porcelain")
+    return commit.strip(), (bool(status.strip()) if status is not None else None)
+
+
+def new_state(trial: Trial, launcher: Launcher) -> dict[str, Any]:
+    """A fresh trial.json."""
+    return {"name": trial.name, "params": to_json(trial.params),
+            "command": launcher.train_command(trial), "launcher": launcher.name,
+            "status": "pending", "attempts": 0, "returncode": None, "wall_time_s": 0.0,
+            "git_commit": None, "git_dirty": None, "started_at": None, "finished_at": None,
+            "log": "train.log"}
+
+
+def trainer_alive(trial_dir: str, state: dict[str, Any]) -> bool:
+    """Whether the process a "running" trial.json records still runs: on this host, its pid
+    lives with this trial's workdir on its command line; from another host, research.train's
+    DIR/.lock is held (probed only then: a probe could race a trainer taking the lock)."""
+    pid = state.get("pid")
+    if state.get("host") == socket.gethostname():
+        if not pid:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return os.path.basename(trial_dir).encode() in f.read()
+        except OSError:
+            return True
+    return _lock_held(os.path.join(trial_dir, ".lock"))
+
+
+def _lock_held(path: str) -> bool:
+    """Whether another process holds a flock on `path`."""
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def effective_status(trial_dir: str, state: dict[str, Any] | None,
+                     query_slurm: bool = True) -> tuple[str, dict[str, Any], str]:
+    """(status, trial.json updates, note) from what is on disk now: final.json, a SLURM
+    job's returncode file, whether a "running" trainer is still alive. Reads only."""
+    if os.path.exists(os.path.join(trial_dir, "final.json")):
+        updates: dict[str, Any] = {}
+        if state is not None and state.get("status") == "submitted":
+            updates = _slurm_outcome(trial_dir, state)
+        return "done", {**updates, "status": "done"}, "final.json"
+    if state is None:
+        return "pending", {}, ""
+    status = state.get("status", "pending")
+    if status == "submitted":
+        rc_path = os.path.join(trial_dir, "returncode")
+        if not os.path.exists(rc_path) and query_slurm and state.get("job_id"):
+            if job_in_queue(state["job_id"]) is False and not os.path.exists(rc_path):
+                return ("interrupted", {"status": "interrupted", "finished_at": time.time()},
+                        f"slurm job {state['job_id']} left the queue without an exit code")
+        if not os.path.exists(rc_path):
+            return "submitted", {}, f"slurm job {state.get('job_id')}"
+        updates = _slurm_outcome(trial_dir, state)
+        status = "failed" if updates["returncode"] != 0 else "interrupted"
+        return status, {**updates, "status": status}, f"slurm job {state.get('job_id')}"
+    if status == "running":
+        if trainer_alive(trial_dir, state):
+            return "running", {}, f"running in another process (pid {state.get('pid')})"
+        return "interrupted", {"status": "interrupted"}, "its sweep stopped while it ran"
+    if status == "done":  # final.json was removed
+        return "interrupted", {"status": "interrupted"}, "final.json is gone"
+    return status, {}, ""
+
+
+def _slurm_outcome(trial_dir: str, state: dict[str, Any]) -> dict[str, Any]:
+    """returncode / wall time / finish time of a finished SLURM job, from its files."""
+    rc_path = os.path.join(trial_dir, "returncode")
+    try:
+        with open(rc_path, encoding="utf-8") as f:
+            rc = int(f.read().strip() or 1)
+        finished = os.path.getmtime(rc_path)
+    except (OSError, ValueError):
+        return {}
+    try:
+        with open(os.path.join(trial_dir, "elapsed_s"), encoding="utf-8") as f:
+            elapsed = float(f.read().strip())
+    except (OSError, ValueError):
+        elapsed = 0.0
+    return {"returncode": rc, "finished_at": finished,
+            "wall_time_s": float(state.get("wall_time_s") or 0.0) + elapsed}
+
+
+class SweepLock:
+    """An exclusive flock on ROOT/.sweep.lock: one `run` per sweep root at a time."""
+
+    def __init__(self, root: str):
+        self.path = os.path.join(root, ".sweep.lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> "SweepLock":
+        import fcntl
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SweepError(f"another `research.sweep run` is using {os.path.dirname(self.path)} "
+                             f"({holder}); wait for it to finish or stop it first.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def format_duration(seconds: float) -> str:
+    """41.2s, 5m10s, 2h03m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+# ------------------------------------------------------------------------ the runner ---------
+
+class Runner:
+    """Runs (or submits) the trials of one sweep under one launcher."""
+
+    def __init__(self, spec: SweepSpec, launcher: Launcher, root: str, *, parallel: int = 1,
+                 retry_failed: bool = False, out: IO[str] | None = None):
+        if parallel < 1:
+            raise SweepError(f"--parallel={parallel}: give at least 1 concurrent trial.")
+        self.spec = spec
+        self.launcher = launcher
+        self.root = os.path.abspath(root)
+        self.parallel = parallel
+        self.retry_failed = retry_failed
+        self.out = out or sys.stdout
+        self.trials = expand(spec, self.root)
+        self._lock = threading.RLock()
+        self._running: dict[str, tuple[Trial, Any]] = {}
+        self.stop_signal: int | None = None
+        self._signals = 0
+        self._handled = 0
+        self._durations: list[float] = []
+        self._to_run = 0
+        self._finished_runs = 0
+        self.results: dict[str, tuple[str, dict[str, Any] | None]] = {}
+
+    # ---- output -----------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        with self._lock:
+            print(text, file=self.out, flush=True)
+
+    def _count(self) -> str:
+        self._handled += 1
+        return f"[{self._handled}/{len(self.trials)}]"
+
+    def trial_dir(self, trial: Trial) -> str:
+        return os.path.join(self.root, trial.name)
+
+    # ---- planning ---------------------------------------------------------------------------
+    def plan(self, *, write: bool) -> list[tuple[Trial, dict[str, Any] | None, str, str]]:
+        """(trial, state, action, note) per trial; action is skip | failed | inflight | run.
+        With `write`, trial.json files are brought up to date (and created as pending)."""
+        plan = []
+        for trial in self.trials:
+            tdir = self.trial_dir(trial)
+            state = read_json(os.path.join(tdir, "trial.json"))
+            status, updates, note = effective_status(tdir, state)
+            if state is None and (write or status == "done"):
+                state = new_state(trial, self.launcher)
+            if state is not None:
+                state.update(updates)
+                state["status"] = status
+            if write and state is not None:
+                os.makedirs(tdir, exist_ok=True)
+                write_json(os.path.join(tdir, "trial.json"), state)
+            if status == "done":
+                action = "skip"
+            elif status == "failed" and not self.retry_failed:
+                action = "failed"
+            elif status in ("running", "submitted"):
+                action = "inflight"
+            else:
+                action = "run"
+            plan.append((trial, state, action, note))
+        return plan
+
+    def dry_run(self) -> int:
+        """Prints what `run` would do, touching nothing on disk."""
+        plan = self.plan(write=False)
+        runnable = sum(1 for p in plan if p[2] == "run")
+        self.say(f"# research.sweep run --dry_run: {len(self.trials)} trials in {self.root}, "
+                 f"launcher {self.launcher.name}, {runnable} to run")
+        devices = getattr(self.launcher, "devices_per_trial", None)
+        if devices is not None:
+            self.say(f"# CUDA_VISIBLE_DEVICES: {self.parallel} slots of {devices} GPUs; a trial "
+                     "takes a free slot (shown as if trials finish in order)")
+        ordinal = 0
+        for i, (trial, state, action, note) in enumerate(plan, 1):
+            head = f"# [{i}/{len(plan)}] {trial.name}"
+            if action == "skip":
+                self.say(f"{head}: done, skipped")
+            elif action == "failed":
+                self.say(f"{head}: failed (returncode {state.get('returncode')}), not rerun "
+                         "without --retry_failed")
+            elif action == "inflight":
+                self.say(f"{head}: {state.get('status')} ({note}), left alone")
+            else:
+                attempt = (state or {}).get("attempts", 0) + 1
+                slot = ordinal % self.parallel
+                ordinal += 1
+                self.say(head)
+                self.say(self.launcher.dry_run(trial, attempt, slot))
+        return 0
+
+    # ---- running ----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Writes sweep.json, runs or submits what needs it, prints a summary; exit code."""
+        os.makedirs(self.root, exist_ok=True)
+        with SweepLock(self.root):
+            write_json(os.path.join(self.root, "sweep.json"),
+                       sweep_json(self.spec, self.trials, self.root))
+            self.git_commit, self.git_dirty = git_info(self.launcher.cwd)
+            plan = self.plan(write=True)
+            todo = []
+            for trial, state, action, note in plan:
+                if action == "run":
+                    todo.append((trial, state))
+                    continue
+                self.results[trial.name] = (state["status"], state)
+                label = {"skip": "skip", "failed": "failed", "inflight": state["status"]}[action]
+                extra = {"skip": "(done)",
+                         "failed": f"(returncode {state.get('returncode')}; --retry_failed reruns it)",
+                         "inflight": f"({note})"}[action]
+                self.say(f"{self._count()} {label} {trial.name} {extra}")
+            self._to_run = len(todo)
+            with self._signal_handlers():
+                if self.launcher.synchronous:
+                    self._run_pool(todo)
+                else:
+                    self._submit_all(todo)
+            return self.summary()
+
+    def _signal_handlers(self):
+        runner = self
+
+        class _Handlers:
+            def __enter__(self):
+                self.old = {}
+                if threading.current_thread() is threading.main_thread():
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        self.old[sig] = signal.signal(sig, runner._on_signal)
+
+            def __exit__(self, *exc):
+                for sig, old in self.old.items():
+                    signal.signal(sig, old)
+        return _Handlers()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """First signal: SIGTERM to running trials (checkpoint and exit), start nothing new.
+        Again: forward once more (research.train then stops at once, without saving)."""
+        with self._lock:
+            self._signals += 1
+            if self.stop_signal is None:
+                self.stop_signal = signum
+            running = list(self._running.values())
+            again = self._signals > 1
+            name = signal.Signals(signum).name
+            for trial, proc in running:
+                self.launcher.stop(trial, proc, again)
+            if again:
+                message = f"received {name} again: stopping {len(running)} trial(s) at once"
+            else:
+                message = (f"received {name}: asking {len(running)} running trial(s) to save a "
+                           "checkpoint and exit; starting no new ones (again to stop at once)")
+            try:
+                self.say(message)
+            except RuntimeError:  # the signal interrupted a print of the main thread
+                pass
+
+    def _run_pool(self, todo: Sequence[tuple[Trial, dict[str, Any]]]) -> None:
+        """Runs synchronous trials, `parallel` at a time, each with a free device slot."""
+        slots: queue.Queue[int] = queue.Queue()
+        for slot in range(self.parallel):
+            slots.put(slot)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.parallel) as pool:
+            pending = {pool.submit(self._run_one, trial, state, slots) for trial, state in todo}
+            while pending:
+                _, pending = concurrent.futures.wait(pending, timeout=0.2)
+
+    def _run_one(self, trial: Trial, state: dict[str, Any], slots: queue.Queue) -> None:
+        """One attempt of one trial, start to finish, with trial.json kept current."""
+        slot = slots.get()
+        try:
+            self._attempt(trial, state, slot)
+        except Exception:  # a launcher bug must not hang the sweep: record it as a failure
+            text = traceback.format_exc()
+            self._append_log(trial, text)
+            state.update(status="failed", finished_at=time.time())
+            self._save(trial, state)
+            self._finish_line(trial, state, 0.0)
+        finally:
+            slots.put(slot)
+
+    def _attempt(self, trial: Trial, state: dict[str, Any], slot: int) -> None:
+        tdir = self.trial_dir(trial)
+        os.makedirs(tdir, exist_ok=True)
+        with self._lock:
+            if self.stop_signal is not None:
+                self.results[trial.name] = (state["status"], state)
+                return
+            self._prepare(trial, state)
+            log = open(os.path.join(tdir, "train.log"), "a", encoding="utf-8")
+            log.write(self._header(trial, state))
+            log.flush()
+            began = time.monotonic()
+            try:
+                proc = self.launcher.start(trial, log, slot)
+            except OSError as err:
+                log.write(f"=== research.sweep: could not start the trial: {err}\n")
+                log.close()
+                state.update(status="failed", returncode=127, finished_at=time.time())
+                self._save(trial, state)
+                self._finish_line(trial, state, 0.0)
+                return
+            state["pid"] = proc.pid
+            self._running[trial.name] = (trial, proc)
+        self._save(trial, state)
+        devices = self.launcher.devices(slot) if hasattr(self.launcher, "devices") else None
+        where = f", CUDA_VISIBLE_DEVICES={devices}" if devices is not None else ""
+        self.say(f"start {trial.name} (attempt {state['attempts']}{where}) -> {tdir}/train.log")
+        rc = proc.wait()
+        elapsed = time.monotonic() - began
+        with self._lock:
+            self._running.pop(trial.name, None)
+            stopped = self.stop_signal is not None
+        log.close()
+        if os.path.exists(os.path.join(tdir, "final.json")):
+            status = "done"
+        elif rc == 0 or stopped:
+            status = "interrupted"
+        else:
+            status = "failed"
+        state.update(status=status, returncode=rc, finished_at=time.time(),
+                     wall_time_s=round(float(state.get("wall_time_s") or 0.0) + elapsed, 3))
+        self._save(trial, state)
+        self._finish_line(trial, state, elapsed)
+
+    def _prepare(self, trial: Trial, state: dict[str, Any]) -> None:
+        """State at the start of an attempt."""
+        state.update(name=trial.name, params=to_json(trial.params),
+                     command=self.launcher.train_command(trial), launcher=self.launcher.name,
+                     status="running", attempts=int(state.get("attempts") or 0) + 1,
+                     returncode=None, started_at=time.time(), finished_at=None,
+                     git_commit=self.git_commit, git_dirty=self.git_dirty,
+                     host=socket.gethostname(), log="train.log")
+        launch = self.launcher.launch_command(trial)
+        if launch is not None:
+            state["launch_command"] = launch
+        state.pop("job_id", None)
+
+    def _header(self, trial: Trial, state: dict[str, Any]) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state["started_at"]))
+        command = state.get("launch_command") or state["command"]
+        return (f"=== research.sweep: trial {trial.name}, attempt {state['attempts']}, launcher "
+                f"{self.launcher.name}, {stamp}: {shlex.join(command)}\n")
+
+    def _append_log(self, trial: Trial, text: str) -> None:
+        os.makedirs(self.trial_dir(trial), exist_ok=True)
+        with open(os.path.join(self.trial_dir(trial), "train.log"), "a", encoding="utf-8") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+
+    def _save(self, trial: Trial, state: dict[str, Any]) -> None:
+        write_json(os.path.join(self.trial_dir(trial), "trial.json"), state)
+
+    def _finish_line(self, trial: Trial, state: dict[str, Any], elapsed: float) -> None:
+        """`[3/12] done NAME in 41.2s (ETA 5m10s)`, and the result recorded."""
+        with self._lock:
+            self.results[trial.name] = (state["status"], state)
+            self._finished_runs += 1
+            self._durations.append(elapsed)
+            remaining = self._to_run - self._finished_runs
+            eta = ""
+            if remaining > 0 and self.stop_signal is None:
+                mean = sum(self._durations) / len(self._durations)
+                eta = f" (ETA {format_duration(mean * remaining / min(self.parallel, remaining))})"
+            rc = f", returncode {state.get('returncode')}" if state["status"] == "failed" else ""
+            self.say(f"{self._count()} {state['status']} {trial.name} in "
+                     f"{format_duration(elapsed)}{rc}{eta}")
+
+    def _submit_all(self, todo: Sequence[tuple[Trial, dict[str, Any]]]) -> None:
+        """SLURM: one sbatch per trial; the jobs report back through their returncode files."""
+        assert isinstance(self.launcher, SlurmLauncher)
+        for trial, state in todo:
+            if self.stop_signal is not None:
+                self.results[trial.name] = (state["status"], state)
+                continue
+            tdir = self.trial_dir(trial)
+            os.makedirs(tdir, exist_ok=True)
+            self._prepare(trial, state)
+            state.pop("pid", None)
+            rc, answer = self.launcher.submit(trial, state["attempts"])
+            if rc == 0:
+                state.update(status="submitted", job_id=answer)
+                self.say(f"{self._count()} submitted {trial.name} (slurm job {answer})")
+            else:
+                self._append_log(trial, f"=== research.sweep: sbatch failed (exit {rc}): {answer}")
+                state.update(status="failed", returncode=rc, finished_at=time.time())
+                self.say(f"{self._count()} failed {trial.name}: sbatch exit {rc}: {answer}")
+            self._save(trial, state)
+            self.results[trial.name] = (state["status"], state)
+
+    # ---- summary ----------------------------------------------------------------------------
+    def summary(self) -> int:
+        """Counts per status, the failed trials' log tails, and the exit code."""
+        counts: dict[str, int] = {}
+        for status, _ in self.results.values():
+            counts[status] = counts.get(status, 0) + 1
+        parts = [f"{counts[s]} {s}" for s in STATUS_ORDER if counts.get(s)]
+        self.say(f"\nsweep {self.root}: {len(self.trials)} trials: {', '.join(parts)}")
+        for trial in self.trials:
+            status, state = self.results.get(trial.name, ("pending", None))
+            if status != "failed":
+                continue
+            log = os.path.join(self.trial_dir(trial), "train.log")
+            rc = (state or {}).get("returncode")
+            self.say(f"\nFAILED {trial.name}: returncode {rc}, log {log}")
+            for line in tail(log):
+                self.say(f"    | {line}")
+        if counts.get("failed"):
+            self.say("\nre-run with --retry_failed to run the failed trials again.")
+        if counts.get("interrupted") or counts.get("pending"):
+            self.say("re-run the same command to resume the interrupted and pending trials.")
+        if counts.get("submitted"):
+            self.say(f"re-run the same command, or `python -m research.sweep status {self.root}`, "
+                     "to pick up the SLURM jobs' results.")
+        if self.stop_signal is not None:
+            return 128 + self.stop_signal
+        unfinished = sum(counts.get(s, 0) for s in ("failed", "interrupted", "pending"))
+        return 1 if unfinished else 0
+
+
+# ------------------------------------------------------------------------ status -------------
+
+def last_step(trial_dir: str) -> str:
+    """'step/num_steps' from final.json, else the last metrics.jsonl step, else ''."""
+    final = read_json(os.path.join(trial_dir, "final.json"))
+    if isinstance(final, dict) and "step" in final:
+        return f"{final['step']}/{final.get('num_steps', final['step'])}"
+    for line in reversed(tail(os.path.join(trial_dir, "metrics.jsonl"), lines=3, max_bytes=8192)):
+        try:
+            return str(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return ""
+
+
+def status_table(root: str) -> tuple[list[list[str]], dict[str, int]]:
+    """Rows (trial, status, attempts, returncode, wall time, step) and counts per status."""
+    info = read_json(os.path.join(root, "sweep.json"))
+    if not isinstance(info, dict) or "trials" not in info:
+        raise SweepError(f"no sweep.json in {root}; give the --root of a `python -m research.sweep "
+                         "run`.")
+    rows, counts = [], {}
+    for entry in info["trials"]:
+        tdir = os.path.join(root, entry["name"])
+        state = read_json(os.path.join(tdir, "trial.json"))
+        status, updates, _ = effective_status(tdir, state, query_slurm=False)
+        merged = {**(state or {}), **updates}
+        counts[status] = counts.get(status, 0) + 1
+        rc = merged.get("returncode")
+        wall = merged.get("wall_time_s")
+        rows.append([entry["name"], status, str(merged.get("attempts", 0)),
+                     "" if rc is None else str(rc), format_duration(wall) if wall else "",
+                     last_step(tdir)])
+    return rows, counts
+
+
+def print_status(root: str, out: IO[str] | None = None) -> int:
+    """`python -m research.sweep status DIR`: one line per trial."""
+    out = out or sys.stdout
+    root = os.path.abspath(root)
+    rows, counts = status_table(root)
+    header = ["trial", "status", "attempts", "rc", "time", "step"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+    parts = [f"{counts[s]} {s}" for s in STATUS_ORDER if counts.get(s)]
+    print(f"\n{len(rows)} trials: {', '.join(parts)}", file=out)
+    return 0
