@@ -265,6 +265,10 @@ def test_pending_trials_from_sweep_json(tmp_path):
                               ("lr=0.2", "pending", "", "50", "0.2")]
     assert "2 trials: 1 interrupted, 1 pending" in markdown
     assert [s["train/loss_n"] for s in read_csv(root / "results_summary.csv")] == ["1", "0"]
+    # No attempt has finished in either (trial.json wall_time_s 0.0, no finished_at): no wall
+    # time, and nothing to average (a 0 would drag the seed mean down).
+    assert [r["wall_time_s"] for r in got] == ["", ""]
+    assert [s["wall_time_s_n"] for s in read_csv(root / "results_summary.csv")] == ["0", "0"]
 
 
 def test_single_workdir_as_root(tmp_path):

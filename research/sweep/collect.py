@@ -231,7 +231,9 @@ def read_trial(path: str, name: str, params: dict[str, Any], fixed: dict[str, An
     if isinstance(best, dict) and as_float(best.get("value")) is not None:
         trial.best_ckpt = {"metric": str(best.get("metric", "")), "value": as_float(best["value"]),
                            "step": as_int(best.get("step"))}
-    trial.wall_time_s = as_float(info.get("wall_time_s"))
+    # Wall time counts finished attempts only: none yet (pending, first attempt running) is blank.
+    wall = as_float(info.get("wall_time_s"))
+    trial.wall_time_s = wall if wall or info.get("finished_at") else None
     trial.git_commit = short_commit(info)
     trial.config_hash = config_hash(config)
     return trial
