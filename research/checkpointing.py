@@ -3,8 +3,9 @@
 Layout: `DIR/checkpoints/<step>/{params,opt_state,extra}`. `params` and `opt_state` are
 sharded arrays (each host writes its shards; restore reshards onto whatever mesh the target
 shardings describe); `extra` is JSON: step, RNG key data and every process's data-iterator
-state. Orbax writes each step to a temporary directory and renames it when complete, so an
-interrupted save is never restored (and `Checkpointer` deletes its leftovers on opening).
+state (a run with another process count restores their merge, `merge_data_states`). Orbax
+writes each step to a temporary directory and renames it when complete, so an interrupted
+save is never restored (and `Checkpointer` deletes its leftovers on opening).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _from_host(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array with `sharding` from a host value every process holds in full."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def allgather_json(obj: Any) -> list[Any]:
     """Every process's JSON-serialisable `obj`, in process order (a no-op list on one process)."""
     if jax.process_count() == 1:
@@ -37,6 +43,37 @@ def allgather_json(obj: Any) -> list[Any]:
     padded[: raw.size] = raw
     gathered = multihost_utils.process_allgather(padded)
     return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(gathered, size.reshape(-1))]
+
+
+# Data-iterator kinds whose per-process states merge into one for any process count.
+_STATE_MERGERS = {"causal_lm": "research.data.causal_lm",
+                  "bert_pretraining": "research.data.bert_pretraining"}
+
+
+def merge_data_states(states: list[Any], where: str = "the checkpoint") -> Any:
+    """One data-iterator state for every process of a run whose process count differs from
+    the one that saved `states` (one per saving process). The iterators' global batch is the
+    same for any process count, so this is exact: states that do not depend on the process
+    layout (classification) are equal and returned as is; per-row states (causal_lm,
+    bert_pretraining) are concatenated into one covering every row, from which each
+    process's `set_state` takes its own rows. Anything else is refused (ConfigMismatchError)."""
+    import importlib
+
+    from research.reliability import ConfigMismatchError
+    if all(s == states[0] for s in states):
+        return states[0]
+    kind = states[0].get("kind") if isinstance(states[0], dict) else None
+    module = _STATE_MERGERS.get(kind)
+    try:
+        if module is None:
+            raise ValueError(f"data-iterator state kind {kind!r} has no merge rule")
+        return importlib.import_module(module).merge_states(states)
+    except ValueError as err:
+        raise ConfigMismatchError(
+            f"{where} was written by {len(states)} processes and this run has "
+            f"{jax.process_count()}, but its data-iterator state cannot be split across another "
+            f"process count ({err}). Resume with {len(states)} processes, or pick a new "
+            "--workdir.") from err
 
 
 def remove_incomplete(directory: str) -> list[str]:
@@ -160,19 +197,22 @@ class Checkpointer:
             opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
             extra=ocp.args.JsonRestore()))
         extra = restored["extra"]
+        # Global arrays from host values that every process holds (device_put cannot target
+        # another process's devices).
         rng_sharding = abstract_state["rng"].sharding
-        rng = jax.device_put(jax.random.wrap_key_data(np.asarray(extra["rng"], np.uint32)), rng_sharding)
-        step_arr = jax.device_put(np.asarray(extra["step"], np.int32), abstract_state["step"].sharding)
+        rng = jax.jit(jax.random.wrap_key_data, out_shardings=rng_sharding)(
+            _from_host(np.asarray(extra["rng"], np.uint32), rng_sharding))
+        step_arr = _from_host(np.asarray(extra["step"], np.int32), abstract_state["step"].sharding)
         state = {"step": step_arr, "params": restored["params"],
                  "opt_state": restored["opt_state"], "rng": rng}
         data_states = extra["data_state"]
-        data_state = None
         if len(data_states) == jax.process_count():
             data_state = data_states[jax.process_index()]
         else:
-            logging.warning("checkpoint was written by %d processes, this run has %d: the data "
-                            "iterator restarts from its seed-determined start of the run position.",
-                            len(data_states), jax.process_count())
+            logging.info("checkpoint %d was written by %d process(es), this run has %d: every "
+                         "process takes its rows from the merged data-iterator state.",
+                         step, len(data_states), jax.process_count())
+            data_state = merge_data_states(data_states, self.directory)
         return state, data_state
 
     def restore_params(self, step: int | None, abstract_params: Any) -> Any:

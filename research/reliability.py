@@ -5,7 +5,8 @@ helpful errors for misspelled gin bindings.
   checkpoint and exit cleanly (a second signal stops at once, without a checkpoint).
 * `WorkdirLock`: DIR/.lock (fcntl.flock, held by process 0) so two runs never train into one DIR.
 * `check_resume_config`: a DIR that already has a config.gin only resumes with the same
-  bindings (run length, logging/eval/checkpoint cadence and the progress bar may change).
+  bindings (run length, logging/eval/checkpoint cadence, the progress bar and layout-only
+  bindings such as MESH_SHAPE, the sharding rules and the remat policy may change).
 * `check_gin_bindings` / `explain_gin_error`: unknown configurables, parameters and macros name
   their closest registered spelling.
 """
@@ -142,6 +143,19 @@ RESUMABLE_KEYS = frozenset({
     "train.async_checkpoints", "train.progress_bar", "train.on_nonfinite",
 })
 
+# Bindings that only choose how the same computation is laid out on the devices (sharding,
+# rematerialisation, kernels, loss chunking): the parameter tree, the data and the loss are
+# unchanged, so a checkpoint restores under new values (Orbax reshards params and optimizer
+# state onto the new mesh) and training continues with the same losses up to float rounding.
+# Not here, because they change the math or the checkpoint's structure: scan_layers (stacked
+# parameter tree), microbatches (per-microbatch dropout RNG), dtype/param_dtype, BATCH_SIZE.
+LAYOUT_KEYS = frozenset({
+    "MESH_SHAPE", "train.mesh_shape",
+    "logical_axis_rules.preset", "logical_axis_rules.overrides",
+    "TransformerConfig.remat_policy", "TransformerConfig.attention_impl",
+    "CausalLMObjective.loss_chunk_size",
+})
+
 _BINDING_START = re.compile(r"^([A-Za-z_][\w./]*)\s*=\s?(.*)$")
 
 
@@ -162,37 +176,59 @@ def parse_operative_config(text: str) -> dict[str, str]:
     return {k: re.sub(r"\s+", " ", v) for k, v in out.items()}
 
 
+def _base_key(key: str) -> str:
+    """`scope/module.Configurable.param` -> `Configurable.param` (macros unchanged)."""
+    name = key.rsplit("/", 1)[-1]
+    return ".".join(name.split(".")[-2:])
+
+
 def check_resume_config(workdir: str, new_config: str,
-                        allowed: Iterable[str] = RESUMABLE_KEYS) -> None:
+                        allowed: Iterable[str] = RESUMABLE_KEYS | LAYOUT_KEYS) -> dict[str, tuple]:
     """Raises ConfigMismatchError if DIR/config.gin exists and differs from `new_config` in a
     binding outside `allowed`. A binding present on one side only counts only when it names
-    a configurable the other side also has (the other side then used its default)."""
+    a configurable the other side also has (the other side then used its default).
+
+    Returns the allowed bindings that changed, {name: (old, new)} ('(unset)' for a side
+    without it); changed LAYOUT_KEYS (mesh, sharding rules, remat...) are logged as a warning.
+    """
     path = os.path.join(workdir, "config.gin")
     if not os.path.exists(path):
-        return
+        return {}
     with open(path, encoding="utf-8") as f:
         old = parse_operative_config(f.read())
     new = parse_operative_config(new_config)
     allowed = set(allowed)
     scopes_old = {k.rsplit(".", 1)[0] for k in old if "." in k}
     scopes_new = {k.rsplit(".", 1)[0] for k in new if "." in k}
-    diffs = []
+    diffs, changed = [], {}
     for key in sorted(set(old) | set(new)):
-        if key in allowed or old.get(key) == new.get(key):
+        if old.get(key) == new.get(key):
             continue
         if key not in old or key not in new:
             scope = key.rsplit(".", 1)[0] if "." in key else None
             other = scopes_old if key not in old else scopes_new
             if scope is not None and scope not in other:
                 continue  # that configurable did not run yet on the other side
+        if key in allowed or _base_key(key) in allowed:
+            changed[key] = (old.get(key, "(unset)"), new.get(key, "(unset)"))
+            continue
         diffs.append(f"  {key}: {old.get(key, '(unset)')}  ->  {new.get(key, '(unset)')}")
     if diffs:
         raise ConfigMismatchError(
             f"{workdir} already holds a run with a different configuration ({path}):\n"
             + "\n".join(diffs)
-            + "\nOnly TRAIN_STEPS and the logging/eval/checkpoint cadence may change on resume. "
+            + "\nOnly TRAIN_STEPS, the logging/eval/checkpoint cadence and layout-only bindings "
+            f"({', '.join(sorted(LAYOUT_KEYS))}) may change on resume. "
             "Resume with the same command, or pick a new --workdir.")
-
+    layout = [f"{k}: {a} -> {b}" for k, (a, b) in changed.items() if _base_key(k) in LAYOUT_KEYS]
+    if layout:
+        logging.warning("resuming %s with a different layout (the checkpoint is resharded onto "
+                        "it; the math is unchanged): %s", workdir, "; ".join(layout))
+    rest = [f"{k}: {a} -> {b}" for k, (a, b) in changed.items()
+            if _base_key(k) not in LAYOUT_KEYS]
+    if rest:
+        logging.info("resuming %s with changed run length/cadence: %s", workdir, "; ".join(rest))
+    return changed
 
 
 def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:

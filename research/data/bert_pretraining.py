@@ -31,7 +31,8 @@ Data order, identical for any process count:
 
 The state is, per row, (window start, instances emitted from the window): `get_state()`
 is a small JSON-serialisable dict and after `set_state(state)` the iterator yields exactly
-what the uninterrupted one would have.
+what the uninterrupted one would have. `merge_states` of every host's state restores any
+other process count.
 """
 
 from __future__ import annotations
@@ -387,6 +388,32 @@ class BertPretrainingIterator:
                 raise ValueError(f"malformed BERT data state row {row_state!r}: expected "
                                  "[window_start, emitted].")
             stream.set_state(*row_state)
+
+
+def merge_states(states: Sequence[dict]) -> dict:
+    """One state covering the whole global batch (row_offset 0) from every host's
+    `get_state()`; `set_state` takes each host's rows from it under any process count.
+
+    Raises:
+      ValueError: if the states disagree on the configuration or do not tile the batch.
+    """
+    states = list(states)
+    if not states or any(not isinstance(s, dict) or s.get("kind") != "bert_pretraining"
+                         for s in states):
+        raise ValueError("merge_states needs a non-empty list of BERT pretraining data states.")
+    base = {k: v for k, v in states[0].items() if k not in ("row_offset", "rows")}
+    rows: list = []
+    for s in sorted(states, key=lambda s: s.get("row_offset", -1)):
+        if {k: v for k, v in s.items() if k not in ("row_offset", "rows")} != base:
+            raise ValueError("BERT data states of different configurations cannot be merged.")
+        if s.get("row_offset") != len(rows) or not isinstance(s.get("rows"), list):
+            raise ValueError(f"BERT data states do not tile the global batch: rows from "
+                             f"{len(rows)} are missing or repeated.")
+        rows.extend(s["rows"])
+    batch = base.get("config", {}).get("global_batch_size")
+    if len(rows) != batch:
+        raise ValueError(f"BERT data states cover {len(rows)} of the {batch} rows.")
+    return {**base, "row_offset": 0, "rows": rows}
 
 
 def make_bert_pretraining_iterator(

@@ -20,7 +20,9 @@ the host batches of any P gives exactly the P=1 global batch.
 
 Resumption: `get_state()` is a small JSON-serialisable dict (per owned row: the next
 position index k and the token offset in the current document); `set_state` restores it,
-after which the iterator yields exactly what an uninterrupted one would have.
+after which the iterator yields exactly what an uninterrupted one would have. A row's
+position does not depend on the process layout, so `merge_states` of every host's state
+restores a run under any other process count.
 
 Eval (repeat=False): one pass over the documents in order (no shuffle by default); a row
 that runs out yields padding; `.exhausted` turns True once every owned row is out, and
@@ -261,28 +263,44 @@ class CausalLMIterator:
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores `get_state()` output from an iterator with the same configuration.
 
+        The state may come from another process layout as long as it covers this host's rows:
+        a row stream's position does not depend on which host reads it, so the
+        `merge_states` of every host's state restores any process count.
+
         Raises:
-          ValueError: if the state belongs to a different seq_len / batch size / process
-            layout / seed / corpus size, or is malformed.
+          ValueError: if the state belongs to a different seq_len / batch size / seed /
+            corpus size, does not cover this host's rows, or is malformed.
         """
-        expected = self._identity()
+        if not isinstance(state, dict):
+            raise ValueError(f"Causal-LM iterator state must be a dict, got "
+                             f"{type(state).__name__}.")
+        expected = {k: v for k, v in self._identity().items() if k not in _LAYOUT_KEYS}
         mismatched = [f"{key}: state has {state.get(key)!r}, iterator has {value!r}"
                       for key, value in expected.items() if state.get(key) != value]
         if mismatched:
             raise ValueError(
                 "Cannot restore causal-LM iterator state saved under a different "
                 "configuration (" + "; ".join(mismatched) + "). Resume with the same "
-                "seq_len, global_batch_size, process count/index, seed, shuffle/repeat "
-                "and dataset, or start the data from scratch.")
+                "seq_len, global_batch_size, seed, shuffle/repeat and dataset, or start the "
+                "data from scratch.")
+        first, count = _covered_rows(state, self.global_batch_size)
         rows = state.get("rows")
-        if (not isinstance(rows, list) or len(rows) != len(self.rows)
+        if (not isinstance(rows, list) or len(rows) != count
                 or any(not isinstance(r, (list, tuple)) or len(r) != 2
                        or any(not isinstance(v, int) or v < 0 for v in r) for r in rows)):
             raise ValueError(f"Malformed causal-LM iterator state: 'rows' must be "
-                             f"{len(self.rows)} pairs of non-negative ints [k, offset].")
+                             f"{count} pairs of non-negative ints [k, offset].")
+        lo, hi = int(self.rows[0]), int(self.rows[-1]) + 1
+        if lo < first or hi > first + count:
+            raise ValueError(
+                f"Causal-LM iterator state covers global rows [{first}, {first + count}) "
+                f"(process {state['process_index']} of {state['process_count']}) but this host "
+                f"(process {self.process_index} of {self.process_count}) reads rows [{lo}, {hi}); "
+                "restore the merged state of every host (causal_lm.merge_states).")
+        mine = rows[lo - first:hi - first]
         self.close()
-        k = np.array([r[0] for r in rows], dtype=np.int64)
-        off = np.array([r[1] for r in rows], dtype=np.int64)
+        k = np.array([r[0] for r in mine], dtype=np.int64)
+        off = np.array([r[1] for r in mine], dtype=np.int64)
         self._restore_cursor(k, off)
         self._yielded = (k.copy(), off.copy())
 
@@ -291,6 +309,54 @@ class CausalLMIterator:
         self._off = off.copy()
         self._pair_cache = [None] * len(self.rows)
 
+
+_LAYOUT_KEYS = ("process_index", "process_count")
+
+
+def _covered_rows(state: dict[str, Any], global_batch_size: int) -> tuple[int, int]:
+    """(first global row, row count) that a state saved by process i of P covers."""
+    index, count = state.get("process_index"), state.get("process_count")
+    if (not isinstance(index, int) or not isinstance(count, int) or isinstance(index, bool)
+            or isinstance(count, bool) or not 0 <= index < count
+            or global_batch_size % count):
+        raise ValueError(f"Malformed causal-LM iterator state: process_index={index!r}, "
+                         f"process_count={count!r} (global_batch_size={global_batch_size}).")
+    per_host = global_batch_size // count
+    return index * per_host, per_host
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One state covering the whole global batch from every host's `get_state()` (any order),
+    as if saved by a single process: it restores an iterator under any process count.
+
+    Raises:
+      ValueError: if the states disagree on the configuration or do not tile the batch.
+    """
+    states = list(states)
+    if not states or not all(isinstance(s, dict) for s in states):
+        raise ValueError("merge_states needs a non-empty list of causal-LM iterator states.")
+    base = {k: v for k, v in states[0].items() if k not in (*_LAYOUT_KEYS, "rows")}
+    if base.get("kind") != "causal_lm":
+        raise ValueError(f"not a causal-LM iterator state (kind={base.get('kind')!r}).")
+    for s in states[1:]:
+        other = {k: v for k, v in s.items() if k not in (*_LAYOUT_KEYS, "rows")}
+        if other != base:
+            raise ValueError("causal-LM iterator states of different configurations cannot be "
+                             f"merged: {base} vs {other}.")
+    batch = int(base["global_batch_size"])
+    spans = sorted((*_covered_rows(s, batch), i) for i, s in enumerate(states))
+    rows: list[list[int]] = []
+    for first, count, i in spans:
+        if first != len(rows):
+            raise ValueError(f"causal-LM iterator states do not tile the global batch of {batch} "
+                             f"rows: rows from {len(rows)} are missing or repeated.")
+        part = states[i].get("rows")
+        if not isinstance(part, list) or len(part) != count:
+            raise ValueError(f"Malformed causal-LM iterator state: 'rows' must be {count} pairs.")
+        rows.extend([int(a), int(b)] for a, b in part)
+    if len(rows) != batch:
+        raise ValueError(f"causal-LM iterator states cover {len(rows)} of the {batch} rows.")
+    return {**base, "process_index": 0, "process_count": 1, "rows": rows}
 
 
 def make_causal_lm_iterator(source: Sequence[str], tokenizer: TokenizerLike, *,
