@@ -278,8 +278,10 @@ def train(workdir: str, *,
     (predictions written to DIR/predictions.tsv). `eval_steps` None evaluates the whole set.
 
     Reliability (see research/reliability.py): DIR is locked (DIR/.lock) while training; a DIR
-    with a config.gin only resumes with the same bindings; SIGTERM/SIGINT save a checkpoint at
-    the current step and return; a NaN/Inf loss or gradient stops the run naming the step
+    with a config.gin only resumes with the same bindings, except layout-only ones (MESH_SHAPE,
+    axis rules, remat, attention kernel: reliability.LAYOUT_KEYS), and under any process count;
+    SIGTERM/SIGINT save a checkpoint at the current step and return; DIR/final.json marks a
+    finished run; a NaN/Inf loss or gradient stops the run naming the step
     (`on_nonfinite='stop'`) or skips that update (`'skip'`, counted as train/skipped_steps).
     """
     if on_nonfinite not in NONFINITE_MODES:
