@@ -31,6 +31,7 @@ ACTIVATIONS = ("gelu", "gelu_exact", "relu", "swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rotary", "none")
 REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention", "offload")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
 @gin.configurable
@@ -68,7 +69,7 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention_impl: str | None = None  # None (JAX picks), "xla" or "cudnn"
+    attention_impl: str | None = None  # None (JAX picks: XLA), "xla", "cudnn" (NVIDIA GPU, bf16)
 
     def __post_init__(self):
         _check_choice("activation", self.activation, ACTIVATIONS)
@@ -76,6 +77,11 @@ class TransformerConfig:
         _check_choice("position", self.position, POSITIONS)
         _check_choice("norm_placement", self.norm_placement, ("pre", "post"))
         _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"TransformerConfig.attention_impl='cudnn' needs a 16-bit compute dtype "
+                             f"(dtype='bfloat16'), got dtype={self.dtype!r}; or use "
+                             f"attention_impl='xla' or None.")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"TransformerConfig.num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.kv_heads}.")
@@ -111,7 +117,7 @@ class TransformerConfig:
         return dataclasses.replace(self, vocab_size=-(-tokenizer_vocab_size // m) * m)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def _check_choice(name: str, value: str | None, choices: tuple[str | None, ...]) -> None:
     if value not in choices:
         raise ValueError(f"TransformerConfig.{name}={value!r} is not one of {choices}.")
 
@@ -200,6 +206,16 @@ def attention_mask(q_segments: Array, k_segments: Array, causal: bool,
     return mask[:, None]
 
 
+def _check_attention_backend(impl: str | None) -> None:
+    """cuDNN attention exists only on NVIDIA GPUs; elsewhere JAX fails with a bare
+    "cuDNN is not detected". Say what to change instead."""
+    backend = jax.default_backend() if impl == "cudnn" else None
+    if impl == "cudnn" and backend != "gpu":
+        raise ValueError(f"TransformerConfig.attention_impl='cudnn' needs an NVIDIA GPU with cuDNN, "
+                         f"but JAX's backend is {backend!r}; use attention_impl='xla' or None "
+                         f"(JAX's default, the same XLA attention) instead.")
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads (MHA/GQA/MQA) and an optional KV cache.
 
@@ -232,6 +248,7 @@ class Attention(nn.Module):
         if cfg.attention_dropout_rate and not deterministic:
             out = self._attention_with_dropout(q, key, value, mask)
         else:
+            _check_attention_backend(cfg.attention_impl)
             out = jax.nn.dot_product_attention(q, key, value, mask=mask,
                                                implementation=cfg.attention_impl)
         out = checkpoint_name(out, "attention_out")

@@ -163,7 +163,7 @@ def scan_params_from_loop(params, num_layers):
     return {**params, "decoder": dec}
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "save_matmuls", "save_attention"])
+@pytest.mark.parametrize("remat", ["none", "full", "save_matmuls", "save_attention", "offload"])
 @pytest.mark.parametrize("scan", [False, True])
 def test_scan_and_remat_give_the_same_loss_and_gradients(scan, remat):
     base = TransformerConfig(**SMALL)

@@ -1,0 +1,319 @@
+"""Precision modes (all-bf16, mixed), attention implementations (xla / None / cudnn) and
+remat offloading: what each setting really does to dtypes, numerics and errors."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from research import partitioning
+from research.model import CausalLM, TransformerConfig, TransformerStack
+from research.objectives import CausalLMObjective
+from research.optim import make_optimizer
+from research.trainer import build_setup, make_train_step
+
+from .conftest import ROOT
+
+VOCAB = str(ROOT / "data" / "tokenizers" / "austen_8k.model")
+SEQ, BATCH = 16, 4
+TINY = TransformerConfig(num_layers=1, d_model=32, num_heads=4, mlp_dim=64, max_len=SEQ,
+                         vocab_multiple=8)
+SMALL = dict(vocab_size=97, num_layers=1, d_model=32, num_heads=4, mlp_dim=64, max_len=32)
+
+
+def make_setup(**overrides):
+    cfg = dataclasses.replace(TINY, **overrides)
+    return build_setup(model_config=cfg, objective=CausalLMObjective(), vocab=VOCAB, seq_len=SEQ,
+                       batch_size=BATCH, seed=0, mesh_shape={"data": 1}, learning_rate=1e-2,
+                       num_steps=10, warmup_steps=0, devices=jax.devices()[:1])
+
+
+def packed_batch(vocab_size, seed=0):
+    """Two documents per row (segment ids 1, 2; positions restart), every target counted."""
+    toks = np.random.default_rng(seed).integers(5, vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
+    seg = np.repeat([[1] * 7 + [2] * (SEQ - 7)], BATCH, 0).astype(np.int32)
+    pos = np.concatenate([np.arange(7), np.arange(SEQ - 7)])
+    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": seg,
+            "positions": np.repeat(pos[None], BATCH, 0).astype(np.int32),
+            "weights": np.ones((BATCH, SEQ), np.float32)}
+
+
+def random_params(abstract, seed=0, std=0.1):
+    """Concrete parameters for an abstract tree, drawn in numpy: norm scales 1, biases 0,
+    the rest N(0, std), in each leaf's dtype. (Compiling the model's own threefry initializer
+    costs seconds per config on a 2-core CPU; the tests here are about what comes after.)
+    std 0.1, not GPT's 0.02, makes the logits O(1), so the loss depends on the arithmetic's
+    precision instead of sitting at log(V) whatever the dtype."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            value = np.ones(leaf.shape)
+        elif "bias" in name:
+            value = np.zeros(leaf.shape)
+        else:
+            value = rng.normal(0.0, std, leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def dtypes(tree):
+    """The dtypes of a tree's non-integer leaves (optimizer step counters are int32)."""
+    return {str(x.dtype) for x in jax.tree.leaves(tree) if not jnp.issubdtype(x.dtype, jnp.integer)}
+
+
+def all_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in it (remat, jit, custom_vjp...)."""
+    yield from jaxpr.eqns
+    for sub in jax.extend.core.subjaxprs(jaxpr):
+        yield from all_eqns(sub)
+
+
+def dot_generals(jaxpr):
+    """(lhs dtype, rhs dtype, out dtype, out shape) of every dot_general."""
+    return [(e.invars[0].aval.dtype, e.invars[1].aval.dtype, e.outvars[0].aval.dtype,
+             e.outvars[0].aval.shape) for e in all_eqns(jaxpr) if e.primitive.name == "dot_general"]
+
+
+# ------------------------------------------------------------------ precision modes ----------
+
+def test_all_bf16_training_keeps_params_and_adam_state_in_bf16():
+    """param_dtype = dtype = bfloat16 through build_setup + make_train_step: every float leaf of
+    params and of the AdamW state (mu, nu) is bf16, as build_setup's initial state and after
+    steps (only the step counters are int32); losses are finite and fall; the first loss is the
+    fp32 model's on the same weights."""
+    setup = make_setup(param_dtype="bfloat16", dtype="bfloat16")
+    batch = packed_batch(setup.cfg.vocab_size)
+    # setup.abstract_state is jax.eval_shape of setup.init_state: the dtypes it creates.
+    initial = setup.abstract_state
+    assert dtypes(initial["params"]) == dtypes(initial["opt_state"]) == {"bfloat16"}
+    adam = initial["opt_state"][1][0]  # chain(clip, adamw=chain(scale_by_adam, ...))
+    assert dtypes(adam.mu) == dtypes(adam.nu) == {"bfloat16"}
+    params = random_params(initial["params"])
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": setup.optimizer.init(params), "rng": jax.random.key(0)}
+    assert jax.tree.structure(state) == jax.tree.structure(initial)
+    state = jax.device_put(state, setup.state_shardings)  # as init_state lays it out: one compile
+
+    # fp32 reference for the first loss: the same (bf16-representable) weights upcast, fp32 math.
+    fp32 = CausalLM(dataclasses.replace(setup.cfg, param_dtype="float32", dtype="float32"))
+    params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    norm = setup.objective.normalizers(batch)
+    ref_sum, ref_count = jax.jit(lambda p: setup.objective.loss(
+        fp32, p, batch, jax.random.key(0), norm, True)[1]["loss"])(params32)
+    ref = float(ref_sum) / float(ref_count)
+
+    step, losses = make_train_step(setup), []
+    with partitioning.mesh_rules(setup.mesh, setup.rules):
+        for _ in range(4):
+            state, metrics = step(state, batch)
+            num, den = jax.device_get(metrics["loss"])
+            losses.append(float(num) / float(den))
+    assert dtypes(state["params"]) == dtypes(state["opt_state"]) == {"bfloat16"}
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.1, losses
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    # Tolerance: bf16 keeps 8 significant bits (one rounding <= 2^-9 relative); through this
+    # one-layer net the logits (|logit| ~ 1) end up off by a few 1e-3, and so is each token's
+    # loss (softmax and loss are fp32). Averaging 64 tokens' independent errors shrinks that
+    # ~8x, to ~3e-4 (measured: 2e-4 of a 9.17 loss). rtol 1e-3 (~0.009) leaves margin, also
+    # for TF32 "fp32" matmuls on GPUs, and is ~100x below one training step's change (~0.9).
+    assert losses[0] == pytest.approx(ref, rel=1e-3), (losses[0], ref)
+    assert abs(losses[0] - np.log(setup.cfg.vocab_size)) > 0.05  # the check is not vacuous
+
+
+def test_mixed_precision_has_fp32_state_and_bf16_matmuls():
+    """param_dtype=float32, dtype=bfloat16: params and AdamW state are float32 (also after a
+    step, by its traced output), every matmul takes bf16 operands and gives bf16 outputs, except
+    the attention scores q.k, which jax.nn.dot_product_attention accumulates in float32 for
+    the softmax; the logits the loss sees are float32."""
+    setup = make_setup(dtype="bfloat16")
+    batch = packed_batch(setup.cfg.vocab_size)
+    assert dtypes(setup.abstract_state["params"]) == {"float32"}
+    assert dtypes(setup.abstract_state["opt_state"]) == {"float32"}
+    with partitioning.mesh_rules(setup.mesh, setup.rules):
+        after, _ = jax.eval_shape(make_train_step(setup), setup.abstract_state, batch)
+        assert dtypes(after["params"]) == dtypes(after["opt_state"]) == {"float32"}
+        params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), setup.abstract_state["params"])
+        model = setup.model
+        logits = jax.eval_shape(lambda p: model.apply({"params": p}, batch["inputs"]), params)
+        assert logits.dtype == jnp.float32
+        jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, batch["inputs"],
+                                                     segment_ids=batch["segment_ids"]))(params)
+    dots = dot_generals(jaxpr.jaxpr)
+    # per layer q, k, v, out, wi, wo, scores = q.k, probs @ v; plus the tied output projection
+    assert len(dots) == 8 * setup.cfg.num_layers + 1
+    assert all(d[:2] == (jnp.bfloat16, jnp.bfloat16) for d in dots), dots
+    scores = [d for d in dots if d[2] == jnp.float32]
+    assert len(scores) == setup.cfg.num_layers
+    assert all(np.prod(d[3]) == BATCH * setup.cfg.num_heads * SEQ * SEQ for d in scores)
+    assert sum(d[2] == jnp.bfloat16 for d in dots) == 7 * setup.cfg.num_layers + 1
+
+
+def test_all_bf16_adam_caveats_are_real():
+    """What README documents for all-bf16: in bf16 arithmetic AdamW's b2=0.999 rounds to 1.0
+    (and a 0.1% decay is below bf16 resolution anyway), so nu never decays; an update smaller
+    than half an ulp of its parameter is rounded away (a norm scale of 1.0 stays 1.0 at lr 1e-3)
+    while the same update moves a float32 parameter."""
+    assert 0.999 * jnp.ones((), jnp.bfloat16) == 1.0  # optax's `b2 * nu` in bf16
+    opt, _ = make_optimizer(1e-3, 100, weight_decay=0.0, clip_norm=None)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        params = {"scale": jnp.ones((4,), dtype)}
+        state = opt.init(params)
+        ones = {"scale": jnp.ones((4,), dtype)}
+        updates, state = opt.update(ones, state, params)
+        new = optax.apply_updates(params, updates)
+        moved = bool(jnp.any(new["scale"] != params["scale"]))
+        assert moved == (dtype == jnp.float32)
+        adam = state[0][0]  # chain(adamw) -> adamw = chain(scale_by_adam, ...)
+        nu0 = adam.nu["scale"]
+        for _ in range(3):
+            _, state = opt.update({"scale": jnp.zeros((4,), dtype)}, state, params)
+        nu = state[0][0].nu["scale"]
+        assert nu.dtype == dtype
+        assert bool(jnp.all(nu < nu0)) == (dtype == jnp.float32)  # fp32: 0.999^3 decay
+
+
+# ----------------------------------------------------------------- attention impls ----------
+
+def packed_segments(b=2, t=16):
+    """Several documents per row and trailing padding (segment 0), as the data pipeline packs."""
+    rows = [[1] * 5 + [2] * 6 + [3] * 3 + [0] * 2, [1] * 9 + [2] * 7][:b]
+    seg = np.asarray(rows, np.int32)
+    pos = np.zeros_like(seg)
+    for r in range(b):
+        for i in range(1, t):
+            pos[r, i] = 0 if seg[r, i] != seg[r, i - 1] else pos[r, i - 1] + 1
+    return jnp.asarray(seg), jnp.asarray(pos)
+
+
+def forward_and_grads(cfg, params, toks, seg, pos, **apply_kw):
+    """Hidden states and d(sum(hidden * fixed weights))/d(params) of a TransformerStack."""
+    stack = TransformerStack(cfg)
+    w = jax.random.normal(jax.random.key(3), toks.shape + (cfg.d_model,), jnp.float32)
+
+    def f(p):
+        out = stack.apply({"params": p}, toks, segment_ids=seg, positions=pos, **apply_kw)
+        return jnp.sum(out.astype(jnp.float32) * w), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+    return out, grads
+
+
+def attention_case(causal, **overrides):
+    cfg = TransformerConfig(**{**SMALL, "num_kv_heads": 2, "causal": causal, "position": "rotary",
+                               **overrides})
+    toks = jnp.asarray(np.random.default_rng(0).integers(4, 97, (2, 16)), jnp.int32)
+    seg, pos = packed_segments()
+    abstract = jax.eval_shape(lambda: nn.unbox(TransformerStack(cfg).init(
+        jax.random.key(0), toks, segment_ids=seg, positions=pos)["params"]))
+    return cfg, random_params(abstract, std=0.2), toks, seg, pos
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def test_xla_attention_is_the_default_computation():
+    """attention_impl='xla' and None trace to the same program (forward and backward, packed
+    documents with padding, causal and bidirectional): equal jaxprs, hence equal numbers."""
+    for causal in (True, False):
+        cfg, params, toks, seg, pos = attention_case(causal)
+
+        def program(impl):
+            stack = TransformerStack(dataclasses.replace(cfg, attention_impl=impl))
+            loss = lambda p: jnp.sum(stack.apply({"params": p}, toks, segment_ids=seg,  # noqa: E731
+                                                 positions=pos))
+            return str(jax.make_jaxpr(jax.value_and_grad(loss))(params))
+
+        assert program("xla") == program(None)
+
+
+def test_explicit_softmax_path_matches_fused_attention_causal_packed():
+    """The explicit masked-softmax path (used for attention-probability dropout) equals the
+    fused XLA attention for the causal mask with several documents per row and padding, in the
+    forward and the gradients (test_model covers the bidirectional mask, forward only)."""
+    cfg, params, toks, seg, pos = attention_case(True, attention_impl="xla")
+    fused, g_fused = forward_and_grads(cfg, params, toks, seg, pos)
+    # a rate so small nothing is dropped; an RBG key: threefry's dropout bits compile slowly
+    explicit, g_exp = forward_and_grads(
+        dataclasses.replace(cfg, attention_dropout_rate=1e-9), params, toks, seg, pos,
+        deterministic=False, rngs={"dropout": jax.random.key(0, impl="unsafe_rbg")})
+    np.testing.assert_allclose(explicit, fused, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(g_exp), jax.tree.leaves(g_fused)):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="cuDNN attention runs only on NVIDIA GPUs (backend is "
+                           f"{jax.default_backend()!r})")
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_attention_matches_xla_in_bf16(causal):
+    """cuDNN flash attention vs XLA attention, bf16, packed documents with padding (the mask
+    reaches cuDNN as a bias): the forward and every parameter gradient agree to bf16 precision.
+
+    Tolerances (relative Frobenius error): on CPU this config in bf16 vs float32 (every op
+    rounded, not just attention) differs by ~0.9% in the output and <= ~3% in the q/k
+    gradients; cuDNN and XLA share the bf16 projections and differ only inside attention, so
+    2% / 5% leave margin. A masking error (documents merged) gives 70-80%, so they still bite.
+    """
+    cfg, params, toks, seg, pos = attention_case(causal, dtype="bfloat16", head_dim=16,
+                                                 d_model=64)
+    cudnn_cfg = dataclasses.replace(cfg, attention_impl="cudnn")
+    hlo = jax.jit(lambda p: TransformerStack(cudnn_cfg).apply(
+        {"params": p}, toks, segment_ids=seg, positions=pos)).lower(params).as_text()
+    assert "__cudnn$fmha" in hlo  # really the cuDNN kernel, not a fallback
+    out_cudnn, g_cudnn = forward_and_grads(cudnn_cfg, params, toks, seg, pos)
+    out_xla, g_xla = forward_and_grads(dataclasses.replace(cfg, attention_impl="xla"),
+                                       params, toks, seg, pos)
+    assert out_cudnn.dtype == out_xla.dtype == jnp.bfloat16
+    assert rel_err(out_cudnn, out_xla) < 2e-2
+    flat_cudnn = jax.tree_util.tree_flatten_with_path(g_cudnn)[0]
+    for (path, a), b in zip(flat_cudnn, jax.tree.leaves(g_xla)):
+        assert rel_err(a, b) < 5e-2, jax.tree_util.keystr(path)
+
+
+def test_cudnn_attention_errors_name_the_fix():
+    """attention_impl='cudnn' off a GPU fails with a ValueError that says to use 'xla' or None
+    (JAX itself says only "cuDNN is not detected"), at model init and so already in
+    build_setup; a float32 compute dtype or an unknown name fail at config time."""
+    with pytest.raises(ValueError, match=r"16-bit compute dtype"):
+        TransformerConfig(attention_impl="cudnn")  # float32 compute: never supported by cuDNN
+    with pytest.raises(ValueError, match="attention_impl"):
+        TransformerConfig(attention_impl="flash")
+    if jax.default_backend() == "gpu":
+        return  # there attention_impl='cudnn' is valid
+    cfg = TransformerConfig(**SMALL, dtype="bfloat16", attention_impl="cudnn")
+    toks = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match=r"needs an NVIDIA GPU.*use attention_impl='xla' or None"):
+        jax.eval_shape(CausalLM(cfg).init, jax.random.key(0), toks)
+    with pytest.raises(ValueError, match=r"attention_impl='xla' or None"):
+        make_setup(dtype="bfloat16", attention_impl="cudnn")
+
+
+# ------------------------------------------------------------------- remat offload ----------
+
+def test_offload_policy_moves_saved_activations_to_host_memory():
+    """remat_policy='offload' saves the tagged matmul/attention outputs in the host memory
+    space (device_put to MemorySpace.Host in the backward's jaxpr). On CPU jax 0.10.2 accepts
+    this (host memory is the device's memory, so nothing moves) and the gradients equal the
+    plain ones: tests/test_model.py's remat-equality test includes 'offload'."""
+    cfg = TransformerConfig(**SMALL, remat_policy="offload")
+    toks = jnp.zeros((2, 8), jnp.int32)
+    params = jax.eval_shape(lambda: nn.unbox(CausalLM(cfg).init(jax.random.key(0), toks)["params"]))
+    grad = jax.grad(lambda p: jnp.mean(CausalLM(cfg).apply({"params": p}, toks)))
+
+    def to_host(fn):
+        return [e for e in all_eqns(jax.make_jaxpr(fn)(params).jaxpr)
+                if e.primitive.name == "device_put" and jax.memory.Space.Host in e.params["devices"]]
+
+    assert len(to_host(grad)) >= 3 * cfg.num_layers  # attention_out + 2 of the matmul_outs at least
+    save = CausalLM(dataclasses.replace(cfg, remat_policy="save_matmuls"))
+    assert not to_host(jax.grad(lambda p: jnp.mean(save.apply({"params": p}, toks))))
