@@ -322,3 +322,16 @@ def test_cli_subprocess(sweep):
     proc = subprocess.run([sys.executable, "-m", "research.sweep.collect", str(root / "nope")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_plot_legend_uses_short_axis_names(tmp_path):
+    root = tmp_path / "named"
+    root.mkdir()
+    params = {"TransformerConfig.position": "rotary", "SEED": 0}
+    (root / "sweep.json").write_text(json.dumps(
+        {"axes": list(params), "seed_axes": ["SEED"], "trials": [{"name": "t", "params": params}],
+         "names": {"TransformerConfig.position": "pos", "SEED": "SEED"}}))
+    write_trial(root, "t", rows=[{"step": 1, "train/loss": 2.0}], info={"status": "running"})
+    sweep = C.load_sweep(str(root))
+    assert C.group_label(params, sweep.group_axes, sweep.names) == "pos=rotary"
+    assert C.group_label(params, sweep.group_axes) == "TransformerConfig.position=rotary"

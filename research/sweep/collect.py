@@ -81,6 +81,7 @@ class Sweep:
     axes: list[str]
     seed_axes: list[str]
     trials: list[Trial]
+    names: dict[str, str] = dataclasses.field(default_factory=dict)  # short axis names (plot legend)
 
     @property
     def group_axes(self) -> list[str]:
@@ -291,8 +292,10 @@ def load_sweep(root: str, seed_axes: Sequence[str] | None = None) -> Sweep:
     if seed_axes is None:
         seed_axes = (spec or {}).get("seed_axes", ["SEED"])
         seed_axes = seed_axes if isinstance(seed_axes, list) else ["SEED"]
+    names = (spec or {}).get("names")
+    names = {str(k): str(v) for k, v in names.items() if v} if isinstance(names, dict) else {}
     return Sweep(root=root, axes=[str(a) for a in axes], seed_axes=[str(a) for a in seed_axes],
-                 trials=trials)
+                 trials=trials, names=names)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -644,9 +647,13 @@ def render_csv(fields: Sequence[str], records: Iterable[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- plot
 
 
-def group_label(params: dict[str, Any], axes: Sequence[str]) -> str:
-    """'lr=0.001,WARMUP_STEPS=30' for a group, or 'all trials' with no grouping axes."""
-    return ",".join(f"{a}={fmt_value(params.get(a))}" for a in axes) or "all trials"
+def group_label(params: dict[str, Any], axes: Sequence[str],
+                names: dict[str, str] | None = None) -> str:
+    """'lr=0.001,WARMUP_STEPS=30' for a group (axes by their short sweep names when given), or
+    'all trials' with no grouping axes."""
+    names = names or {}
+    return (",".join(f"{names.get(a, a)}={fmt_value(params.get(a))}" for a in axes)
+            or "all trials")
 
 
 def plot_loss_curves(sweep: Sweep, path: str) -> None:
@@ -677,7 +684,7 @@ def plot_loss_curves(sweep: Sweep, path: str) -> None:
                 points = [(r["step"], r[metric]) for r in t.rows if metric in r]
                 if not points:
                     continue
-                label = group_label(t.params, sweep.group_axes) if key not in labelled else None
+                label = group_label(t.params, sweep.group_axes, sweep.names) if key not in labelled else None
                 labelled.add(key)
                 ax.plot(*zip(*points), color=cmap(i % cmap.N), label=label, linewidth=1.2,
                         marker="." if len(points) < 3 else None)
