@@ -316,7 +316,9 @@ def test_cli_subprocess(sweep):
     assert proc.stdout.startswith(f"# Sweep results: {root}")
     assert proc.stdout == (out / "results.md").read_text()
     assert {p.name for p in out.iterdir()} == {"results.md", "results.csv",
-                                               "results_summary.csv", "loss_curves.png"}
+                                               "results_summary.csv", "loss_curves.png",
+                                               "grid.png"}  # two non-seed axes
+    assert "grid.png" in proc.stderr.splitlines()[-1]
     values = [num(r["eval/loss"]) for r in read_csv(out / "results.csv")]
     assert values == sorted(values)
     proc = subprocess.run([sys.executable, "-m", "research.sweep.collect", str(root / "nope")],
@@ -335,3 +337,102 @@ def test_plot_legend_uses_short_axis_names(tmp_path):
     sweep = C.load_sweep(str(root))
     assert C.group_label(params, sweep.group_axes, sweep.names) == "pos=rotary"
     assert C.group_label(params, sweep.group_axes) == "TransformerConfig.position=rotary"
+
+
+def grid_sweep(tmp_path) -> tuple[pathlib.Path, dict]:
+    """A 2x3 LEARNING_RATE x WARMUP_STEPS grid, 2 seeds, with short names. Cell (1, 2) has no
+    trials; in cell (0, 1) seed 1 is pending (n=1). Returns (root, {(row, col): [(loss, acc)]})."""
+    root = tmp_path / "grid"
+    root.mkdir()
+    values = {(0, 0): [(3.0, 0.30), (3.2, 0.34)], (0, 1): [(2.0, 0.20)],
+              (0, 2): [(3.5, 0.50), (3.7, 0.52)], (1, 0): [(2.6, 0.40), (2.2, 0.40)],
+              (1, 1): [(1.5, 0.10), (3.5, 0.12)]}  # best mean loss: (0, 1); best acc: (0, 2)
+    lrs, warmups = (0.001, 0.01), (240, 0, 60)  # listed out of order: rows/cols sort
+    trials = []
+    for (i, j), pairs in values.items():
+        for seed in (0, 1):
+            params = {"LEARNING_RATE": lrs[i], "WARMUP_STEPS": warmups[[1, 2, 0][j]],
+                      "SEED": seed}
+            name = f"lr={params['LEARNING_RATE']},warmup={params['WARMUP_STEPS']},SEED={seed}"
+            trials.append({"name": name, "params": params})
+            if seed < len(pairs):
+                loss, acc = pairs[seed]
+                rows = [{"step": 10, "train/loss": loss + 1, "eval/loss": loss,
+                         "eval/accuracy": acc}]
+                write_trial(root, name, params=params, rows=rows, info={"status": "done"},
+                            final={"step": 10, "num_steps": 10, "metrics": rows[-1]})
+    (root / "sweep.json").write_text(json.dumps(
+        {"axes": ["LEARNING_RATE", "WARMUP_STEPS", "SEED"], "seed_axes": ["SEED"],
+         "names": {"LEARNING_RATE": "lr", "WARMUP_STEPS": "warmup"}, "trials": trials}))
+    return root, values
+
+
+def test_grid_matrix(tmp_path):
+    root, values = grid_sweep(tmp_path)
+    sweep = C.load_sweep(str(root))
+    table = C.build_table(sweep)
+    summary = C.aggregate(sweep, table)
+    assert C.grid_metric(table) == "eval/loss"
+    assert C.grid_metric(C.build_table(sweep, ["train/loss", "eval/accuracy"])) \
+        == "eval/accuracy"
+    assert C.grid_metric(C.build_table(sweep, ["train/loss"])) == "train/loss"
+    assert C.grid_metric(table, "best:eval/accuracy") == "best:eval/accuracy"
+    with pytest.raises(C.CollectError, match="--grid_metric=nope"):
+        C.grid_metric(table, "nope")
+    for metric, k, best in (("eval/loss", 0, (0, 1)), ("eval/accuracy", 1, (0, 2))):
+        grid = C.heatmap_grid(sweep, table, summary, metric)
+        assert (grid.row_axis, grid.col_axis) == ("LEARNING_RATE", "WARMUP_STEPS")
+        assert (grid.row_label, grid.col_label) == ("lr", "warmup")
+        assert grid.row_values == [0.001, 0.01] and grid.col_values == [0, 60, 240]
+        assert grid.mean.shape == grid.std.shape == grid.n.shape == (2, 3)
+        assert np.isnan(grid.mean[1, 2]) and grid.n[1, 2] == 0
+        for (i, j), pairs in values.items():
+            xs = [p[k] for p in pairs]
+            assert grid.mean[i, j] == pytest.approx(np.mean(xs), rel=1e-12)
+            assert grid.n[i, j] == len(xs)
+            if len(xs) > 1:
+                assert grid.std[i, j] == pytest.approx(np.std(xs, ddof=1), rel=1e-12)
+            else:
+                assert np.isnan(grid.std[i, j])
+        assert grid.best == best
+    C.collect(str(root), grid_metric_name="eval/accuracy")
+    text = (root / "results.md").read_text()
+    assert "Heatmap of the eval/accuracy mean over SEED by lr (rows) × warmup (columns)" in text
+    assert "[grid.png](grid.png)" in text
+
+
+def test_grid_png(tmp_path):
+    import matplotlib.image as mpimg
+    root, _ = grid_sweep(tmp_path)
+    markdown = C.collect(str(root), out=str(tmp_path / "out"))
+    image = mpimg.imread(tmp_path / "out" / "grid.png")
+    assert image.ndim == 3 and image.shape[0] >= 300 and image.shape[1] >= 400
+    rgb = image[..., :3].reshape(-1, 3)
+    assert rgb.std() > 0.05
+    red = (rgb[:, 0] > 0.9) & (rgb[:, 1] < 0.1) & (rgb[:, 2] < 0.1)
+    assert red.sum() > 100  # the best cell's outline
+    grey = (np.abs(rgb - 0.816).max(axis=1) < 0.01)  # the missing cell (#d0d0d0)
+    assert grey.sum() > 1000
+    assert "[grid.png](grid.png)" in markdown and "eval/loss mean over SEED" in markdown
+    assert not (root / "grid.png").exists()
+
+
+def test_no_grid_without_two_axes(tmp_path):
+    root = tmp_path / "one_axis"
+    root.mkdir()
+    trials = []
+    for lr in (0.1, 0.2):
+        for seed in (0, 1):
+            name, params = f"lr={lr},SEED={seed}", {"LEARNING_RATE": lr, "SEED": seed}
+            trials.append({"name": name, "params": params})
+            write_trial(root, name, params=params, info={"status": "done"},
+                        rows=[{"step": 1, "train/loss": 2.0 + lr + seed, "eval/loss": 3.0}])
+    (root / "sweep.json").write_text(json.dumps(
+        {"axes": ["LEARNING_RATE", "SEED"], "seed_axes": ["SEED"], "trials": trials}))
+    markdown = C.collect(str(root))
+    assert not (root / "grid.png").exists() and "grid.png" not in markdown
+    sweep = C.load_sweep(str(root))
+    table = C.build_table(sweep)
+    assert C.heatmap_grid(sweep, table, C.aggregate(sweep, table), "eval/loss") is None
+    C.collect(str(root), seed_axes=[])  # LEARNING_RATE x SEED: two axes now
+    assert (root / "grid.png").exists()

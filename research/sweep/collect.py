@@ -1,7 +1,7 @@
-"""Collects a sweep's results into tables and a loss plot.
+"""Collects a sweep's results into tables, a loss plot and (two axes) a heatmap.
 
   python -m research.sweep collect ROOT [--metrics=eval/accuracy,eval/loss]
-      [--seed_axes=SEED] [--out=DIR] [--sort=COLUMN]
+      [--seed_axes=SEED] [--out=DIR] [--sort=COLUMN] [--grid_metric=NAME]
 
 ROOT is the `--root` of `python -m research.sweep run`. The trials are the ones ROOT/sweep.json
 lists (its axis order and seed axes are used); without sweep.json, every subdirectory holding
@@ -14,6 +14,10 @@ Writes, under --out (default ROOT):
   results_summary.csv  one row per group of non-seed axis values: <field>_mean/_std/_n columns
   loss_curves.png      train/loss (and eval/loss, when logged) against step, one line per
                        trial, one color per group
+  grid.png             only when exactly two non-seed axes vary: a heatmap of one metric's
+                       seed mean, rows = the first axis's values, columns = the second's,
+                       each cell annotated `mean` (`±std` when n>1), the best cell outlined,
+                       missing cells grey; linked from results.md
 
 Per trial: the varied axis values (trial.json "params"); status (done iff final.json exists,
 else trial.json's status; `incomplete` for metrics without final.json and no runner status,
@@ -28,6 +32,9 @@ Means are over the trials of a group that have the value, with the sample standa
 (ddof=1). Unreadable lines (a line cut short by a running or killed trial), non-numeric values
 and missing files are skipped. `--sort=COLUMN` sorts both tables by a results.csv column (a
 metric name means its final value; a leading `-` sorts descending; blanks go last).
+`--grid_metric=NAME` picks grid.png's metric (any averaged column: a metric, `best:<metric>`,
+tokens_per_sec); by default eval/loss when it is a column, else the first eval/* column, else
+train/loss. Best is the minimum for loss/perplexity/error metrics, the maximum otherwise.
 """
 
 from __future__ import annotations
@@ -607,8 +614,10 @@ def status_counts(trials: Sequence[Trial]) -> str:
     return f"{len(trials)} trial{'s' if len(trials) != 1 else ''}: {parts}"
 
 
-def render_markdown(sweep: Sweep, table: Table, summary: Sequence[dict[str, Any]]) -> str:
-    """results.md: heading, status counts, legend, per-trial table, aggregate table."""
+def render_markdown(sweep: Sweep, table: Table, summary: Sequence[dict[str, Any]],
+                    grid: Grid | None = None) -> str:
+    """results.md: heading, status counts, legend, per-trial table, aggregate table, and a
+    line linking grid.png when `grid` is given."""
     seeds = [a for a in sweep.seed_axes if a in sweep.axes]
     legend = [
         "Columns: **steps** last logged step / TRAIN_STEPS; "
@@ -631,6 +640,10 @@ def render_markdown(sweep: Sweep, table: Table, summary: Sequence[dict[str, Any]
              f"## Mean ± sample std (ddof=1) {over}", "",
              "Each cell averages the trials of the group that have the value; n = their "
              "number.", "", md_table(*summary_rows_md(sweep, table, summary)), ""]
+    if grid is not None:
+        what = f"the {grid.metric} mean {over}" if seeds else grid.metric
+        parts += [f"Heatmap of {what} by {grid.row_label} (rows) × {grid.col_label} "
+                  "(columns), best cell outlined: [grid.png](grid.png)", ""]
     return "\n".join(parts)
 
 
@@ -702,17 +715,161 @@ def plot_loss_curves(sweep: Sweep, path: str) -> None:
     fig.savefig(path)
 
 
+# ----------------------------------------------------------------------------- grid
+
+
+@dataclasses.dataclass
+class Grid:
+    """grid.png's numbers: one metric's seed statistics over the two non-seed axes."""
+    metric: str
+    row_axis: str
+    col_axis: str
+    row_label: str               # the axes' short sweep names when given
+    col_label: str
+    row_values: list[Any]        # sorted like the aggregate table
+    col_values: list[Any]
+    mean: np.ndarray             # [rows, cols]; NaN where no trial of the cell has the value
+    std: np.ndarray              # NaN where n < 2
+    n: np.ndarray                # int
+    best: tuple[int, int] | None  # (row, col) of the best mean (min if lower_is_better)
+
+
+def grid_metric(table: Table, requested: str | None = None) -> str:
+    """grid.png's metric: `requested` (a column the aggregate table averages; raises
+    CollectError otherwise), else eval/loss when selected, else the first selected eval/*
+    metric, else train/loss (else the first selected metric)."""
+    if requested:
+        if requested in table.numeric_fields:
+            return requested
+        raise CollectError(f"--grid_metric={requested}: not an averaged column; use one of "
+                           f"{', '.join(table.numeric_fields)}.")
+    evals = [m for m in table.metrics if m.startswith("eval/")]
+    if "eval/loss" in evals:
+        return "eval/loss"
+    if evals:
+        return evals[0]
+    return "train/loss" if "train/loss" in table.metrics or not table.metrics \
+        else table.metrics[0]
+
+
+def heatmap_grid(sweep: Sweep, table: Table, summary: Sequence[dict[str, Any]],
+                 metric: str) -> Grid | None:
+    """The heatmap of `metric`'s `_mean`/`_std`/`_n` in the aggregate records `summary`, or
+    None unless exactly two non-seed axes vary. Rows are the first axis's distinct values,
+    columns the second's, each sorted by value_key; a combination without a group, or whose
+    trials all lack the value, is NaN."""
+    if len(sweep.group_axes) != 2:
+        return None
+    row_axis, col_axis = sweep.group_axes
+    fields = (table.axis_fields[row_axis], table.axis_fields[col_axis])
+
+    def distinct(field: str) -> list[Any]:
+        values: dict[str, Any] = {}
+        for r in summary:
+            values.setdefault(json.dumps(r[field], sort_keys=True, default=str), r[field])
+        return sorted(values.values(), key=value_key)
+
+    rows, cols = distinct(fields[0]), distinct(fields[1])
+    index = [{json.dumps(v, sort_keys=True, default=str): i for i, v in enumerate(values)}
+             for values in (rows, cols)]
+    mean = np.full((len(rows), len(cols)), np.nan)
+    std = np.full_like(mean, np.nan)
+    n = np.zeros(mean.shape, dtype=int)
+    for r in summary:
+        i, j = (idx[json.dumps(r[f], sort_keys=True, default=str)]
+                for idx, f in zip(index, fields))
+        if r.get(f"{metric}_n") and r[f"{metric}_mean"] is not None:
+            mean[i, j] = r[f"{metric}_mean"]
+            n[i, j] = r[f"{metric}_n"]
+            if r[f"{metric}_std"] is not None:
+                std[i, j] = r[f"{metric}_std"]
+    best = None
+    finite = np.isfinite(mean)
+    if finite.any():
+        score = np.where(finite, mean if lower_is_better(metric) else -mean, np.inf)
+        best = tuple(int(k) for k in np.unravel_index(np.argmin(score), score.shape))
+    return Grid(metric=metric, row_axis=row_axis, col_axis=col_axis,
+                row_label=sweep.names.get(row_axis, row_axis),
+                col_label=sweep.names.get(col_axis, col_axis),
+                row_values=rows, col_values=cols, mean=mean, std=std, n=n, best=best)
+
+
+def plot_grid(grid: Grid, path: str, title: str = "", seeds: Sequence[str] = ()) -> None:
+    """grid.png: the heatmap of `grid` (better is brighter: viridis, reversed for
+    lower-is-better metrics), each cell annotated with its mean (and ±std when n>1), a
+    colorbar, the best cell outlined in red, missing cells grey. Headless, like
+    plot_loss_curves."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    nrows, ncols = grid.mean.shape
+    fig = Figure(figsize=(max(5.0, 2.6 + 1.3 * ncols), max(3.5, 1.7 + 0.8 * nrows)), dpi=100,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    lower = lower_is_better(grid.metric)
+    cmap = colormaps["viridis_r" if lower else "viridis"].with_extremes(bad="#d0d0d0")
+    finite = grid.mean[np.isfinite(grid.mean)]
+    norm = Normalize(float(finite.min()), float(finite.max())) if finite.size \
+        else Normalize(0.0, 1.0)
+    image = ax.imshow(np.ma.masked_invalid(grid.mean), cmap=cmap, norm=norm, aspect="auto")
+    fontsize = 9 if ncols <= 6 else 7
+    for i in range(nrows):
+        for j in range(ncols):
+            x = grid.mean[i, j]
+            if not math.isfinite(x):
+                if grid.n[i, j]:  # a diverged trial's nan/inf: grey, but say so
+                    ax.text(j, i, str(float(x)), ha="center", va="center", fontsize=fontsize)
+                continue
+            text = fmt_number(float(x))
+            if grid.n[i, j] > 1 and math.isfinite(grid.std[i, j]):
+                text += f"\n±{fmt_number(float(grid.std[i, j]), 2)}"
+            r, g, b, _ = cmap(norm(x))
+            color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=fontsize)
+    if grid.best is not None:
+        i, j = grid.best
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red",
+                               linewidth=3))
+    if not finite.size:
+        ax.text(0.5, 0.5, "no values yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks(range(ncols), [fmt_value(v) for v in grid.col_values])
+    ax.set_yticks(range(nrows), [fmt_value(v) for v in grid.row_values])
+    ax.set_xlabel(grid.col_label)
+    ax.set_ylabel(grid.row_label)
+    ax.tick_params(length=0)
+    fig.colorbar(image, ax=ax, label=grid.metric)
+    over = f"mean over {', '.join(seeds)}" if seeds else "one trial per cell"
+    ax.set_title(f"{title}{chr(10) if title else ''}{grid.metric}, {over} "
+                 f"({'min' if lower else 'max'} outlined)", fontsize="medium")
+    fig.savefig(path)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
 def collect(root: str, *, metrics: Sequence[str] | None = None,
             seed_axes: Sequence[str] | None = None, out: str | None = None,
-            sort: str | None = None) -> str:
-    """Reads the sweep at `root`, writes results.md, results.csv, results_summary.csv and
-    loss_curves.png under `out` (default `root`) and returns the Markdown."""
+            sort: str | None = None, grid_metric_name: str | None = None) -> str:
+    """Reads the sweep at `root`, writes results.md, results.csv, results_summary.csv,
+    loss_curves.png and (with exactly two non-seed axes) grid.png under `out` (default
+    `root`) and returns the Markdown."""
+    return collect_files(root, metrics=metrics, seed_axes=seed_axes, out=out, sort=sort,
+                         grid_metric_name=grid_metric_name)[0]
+
+
+def collect_files(root: str, *, metrics: Sequence[str] | None = None,
+                  seed_axes: Sequence[str] | None = None, out: str | None = None,
+                  sort: str | None = None, grid_metric_name: str | None = None
+                  ) -> tuple[str, list[str]]:
+    """collect(), also returning the names of the files it wrote."""
     sweep = load_sweep(root, seed_axes)
     table = build_table(sweep, metrics)
     summary = aggregate(sweep, table)
+    grid = heatmap_grid(sweep, table, summary, grid_metric(table, grid_metric_name))
     if sort:
         field, descending = resolve_sort(sort, table)
         sort_records(table.records, field, descending)
@@ -726,7 +883,7 @@ def collect(root: str, *, metrics: Sequence[str] | None = None,
         print(f"collect: no trial has {', '.join(missing)}", file=sys.stderr)
     out = out or root
     os.makedirs(out, exist_ok=True)
-    markdown = render_markdown(sweep, table, summary)
+    markdown = render_markdown(sweep, table, summary, grid)
     files = {"results.md": markdown,
              "results.csv": render_csv(table.fields, table.records),
              "results_summary.csv": render_csv(summary_fields(sweep, table), summary)}
@@ -734,7 +891,13 @@ def collect(root: str, *, metrics: Sequence[str] | None = None,
         with open(os.path.join(out, name), "w", encoding="utf-8", newline="") as f:
             f.write(text)
     plot_loss_curves(sweep, os.path.join(out, "loss_curves.png"))
-    return markdown
+    written = [*files, "loss_curves.png"]
+    if grid is not None:
+        plot_grid(grid, os.path.join(out, "grid.png"),
+                  os.path.basename(os.path.abspath(sweep.root)) or sweep.root,
+                  [a for a in sweep.seed_axes if a in sweep.axes])
+        written.append("grid.png")
+    return markdown, written
 
 
 def split_list(text: str) -> list[str]:
@@ -757,16 +920,21 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sort", default=None,
                         help="a results.csv column to sort by (a metric name = its final "
                              "value); a leading '-' sorts descending: --sort=-eval/accuracy")
+    parser.add_argument("--grid_metric", default=None, metavar="NAME",
+                        help="grid.png's metric, with exactly two non-seed axes (default: "
+                             "eval/loss, else the first eval/* column, else train/loss)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m research.sweep collect DIR ...`: prints results.md, returns the exit status
-    (2 with a one-line message for a missing or empty DIR or an unknown --sort column)."""
+    (2 with a one-line message for a missing or empty DIR or an unknown --sort or
+    --grid_metric column)."""
     args = make_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        markdown = collect(args.root, metrics=args.metrics, seed_axes=args.seed_axes,
-                           out=args.out, sort=args.sort)
+        markdown, written = collect_files(args.root, metrics=args.metrics,
+                                          seed_axes=args.seed_axes, out=args.out,
+                                          sort=args.sort, grid_metric_name=args.grid_metric)
     except CollectError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
@@ -774,8 +942,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     print(markdown, end="")
-    print(f"wrote results.md, results.csv, results_summary.csv, loss_curves.png to "
-          f"{os.path.abspath(args.out or args.root)}", file=sys.stderr)
+    print(f"wrote {', '.join(written)} to {os.path.abspath(args.out or args.root)}",
+          file=sys.stderr)
     return 0
 
 
