@@ -10,6 +10,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from research import flops
@@ -109,3 +110,27 @@ def test_benchmark_compare_hf_torch(model, run, extra):
         assert key in result, key
     assert result["compare"]["peer"] == "hf_torch"
     assert result["compare"]["params"] > 0 and result["compare_ratio"] > 0
+
+
+def test_cpu_mfu_uses_the_higher_of_two_peak_measurements(monkeypatch):
+    """The CPU peak is measured before and after the timed steps; the higher one divides, so a
+    neighbour slowing one measurement cannot inflate the MFU."""
+    import gin
+
+    from research import benchmark
+    from research.config import parse_gin
+    from research.trainer import train
+
+    measured = iter([1.0e9, 3.0e9])  # before, after
+    monkeypatch.setattr(benchmark, "measure_matmul_peak", lambda dtype, **_: next(measured))
+    gin.clear_config()
+    try:
+        parse_gin(["configs/models/gpt_tiny.gin", "configs/runs/pretrain_causal.gin"],
+                  ["BATCH_SIZE=8", "SEQ_LEN=16", "MESH_SHAPE={'data': -1}"])
+        result = benchmark.run_ours(gin.get_bindings(train), steps=1, warmup=0, seed=0)
+    finally:
+        gin.clear_config()
+    assert result["peak_flops_per_device"] == 3.0e9
+    np.testing.assert_allclose(result["mfu"],
+                               result["model_flops_per_step"] / result["step_time_s"]
+                               / (3.0e9 * result["devices"]))
