@@ -162,7 +162,10 @@ def test_all_bf16_adam_caveats_are_real():
     than half an ulp of its parameter is rounded away (a norm scale of 1.0 stays 1.0 at lr 1e-3)
     while the same update moves a float32 parameter."""
     assert 0.999 * jnp.ones((), jnp.bfloat16) == 1.0  # optax's `b2 * nu` in bf16
-    opt, _ = make_optimizer(1e-3, 100, weight_decay=0.0, clip_norm=None)
+    # b1/b2/eps explicit: make_optimizer is gin-configurable and another test in this worker
+    # may have left e.g. pretrain_causal.gin's make_optimizer.b2 = 0.95 bound.
+    opt, _ = make_optimizer(1e-3, 100, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                            clip_norm=None)
     for dtype in (jnp.float32, jnp.bfloat16):
         params = {"scale": jnp.ones((4,), dtype)}
         state = opt.init(params)
