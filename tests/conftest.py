@@ -9,6 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import glob
 import pathlib
 
+import gin
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -33,3 +34,13 @@ def sp_model(tmp_path_factory) -> str:
     prefix = str(tmp_path_factory.mktemp("sp") / "austen1k")
     train_sentencepiece(austen_paragraphs(4000), prefix, vocab_size=1000)
     return prefix + ".model"
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    """Every test starts and ends with an empty gin config: bindings parsed by one test (say
+    pretrain_causal.gin's make_optimizer.b2 = 0.95) must not leak into the next one that runs
+    in the same worker process."""
+    gin.clear_config()
+    yield
+    gin.clear_config()

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,13 +79,6 @@ def synthetic_batch(seed=0, b=4, length=16, preds=PREDS, vocab=120):
             "masked_lm_positions": positions, "masked_lm_ids": labels,
             "masked_lm_weights": weights,
             "next_sentence_labels": rng.integers(0, 2, b).astype(np.int32)}
-
-
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 # ------------------------------------------------------------------ sizes and configs ------

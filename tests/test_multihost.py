@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 
-import gin
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -239,13 +238,6 @@ def test_checkpoint_resumes_under_another_mesh_shape(single, tmp_path, mesh):
     assert "with a different layout" in log and f"MESH_SHAPE: {MESH} -> {mesh}" in log
     assert_same_run(workdir, single, RTOL_MESH)
     assert f"MESH_SHAPE = {mesh}" in (workdir / "config.gin").read_text()
-
-
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def test_restore_lands_on_the_new_shardings(single, multi, clean_gin):

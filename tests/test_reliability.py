@@ -232,13 +232,6 @@ def test_preemption_guard_restores_handlers():
 FILES = ["configs/models/gpt_tiny.gin", "configs/runs/pretrain_causal.gin"]
 
 
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 @pytest.mark.parametrize("binding, expected", [
     ("TRAIN_STEPZ = 5", "Did you mean 'TRAIN_STEPS'"),
     ("train.num_stepz = 5", "Did you mean 'num_steps'"),
