@@ -23,6 +23,7 @@ import time
 import traceback
 from typing import IO, Any, Sequence
 
+from research.sweep.collect import fmt_duration, read_json
 from research.sweep.launchers import Launcher, SlurmLauncher, job_in_queue
 from research.sweep.spec import SweepError, SweepSpec, Trial, expand, sweep_json, to_json
 
@@ -39,15 +40,6 @@ def write_json(path: str, data: Any) -> None:
         json.dump(data, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
-
-
-def read_json(path: str) -> Any | None:
-    """The parsed file, or None when it is missing or unreadable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def tail(path: str, lines: int = TAIL_LINES, max_bytes: int = 65536) -> list[str]:
@@ -203,17 +195,6 @@ class SweepLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def format_duration(seconds: float) -> str:
-    """41.2s, 5m10s, 2h03m."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
 
 
 # ------------------------------------------------------------------------ the runner ---------
@@ -480,10 +461,10 @@ class Runner:
             eta = ""
             if remaining > 0 and self.stop_signal is None:
                 mean = sum(self._durations) / len(self._durations)
-                eta = f" (ETA {format_duration(mean * remaining / min(self.parallel, remaining))})"
+                eta = f" (ETA {fmt_duration(mean * remaining / min(self.parallel, remaining))})"
             rc = f", returncode {state.get('returncode')}" if state["status"] == "failed" else ""
             self.say(f"{self._count()} {state['status']} {trial.name} in "
-                     f"{format_duration(elapsed)}{rc}{eta}")
+                     f"{fmt_duration(elapsed)}{rc}{eta}")
 
     def _submit_all(self, todo: Sequence[tuple[Trial, dict[str, Any]]]) -> None:
         """SLURM: one sbatch per trial; the jobs report back through their returncode files."""
@@ -568,7 +549,7 @@ def status_table(root: str) -> tuple[list[list[str]], dict[str, int]]:
         rc = merged.get("returncode")
         wall = merged.get("wall_time_s")
         rows.append([entry["name"], status, str(merged.get("attempts", 0)),
-                     "" if rc is None else str(rc), format_duration(wall) if wall else "",
+                     "" if rc is None else str(rc), fmt_duration(wall) if wall else "",
                      last_step(tdir)])
     return rows, counts
 
