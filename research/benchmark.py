@@ -115,7 +115,7 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int) -> dict:
     """Builds the run as research.train does, times its train step on synthetic batches."""
     import jax
 
-    from research import flops, partitioning
+    from research import flops, hugepages, partitioning
     from research.model import count_params
     from research.trainer import build_setup, make_train_step
 
@@ -172,7 +172,8 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int) -> dict:
         "peak_flops_per_device": peak, "peak_flops_source": peak_source,
         "mfu": model_flops / step_time / (peak * n_dev),
         "peak_memory_bytes": memory, "peak_memory_source": memory_source,
-        "compile_time_s": compile_s, "final_loss": float(loss[0]) / max(float(loss[1]), 1e-12),
+        "compile_time_s": compile_s, "host_malloc_hugepages": hugepages.active(),
+        "final_loss": float(loss[0]) / max(float(loss[1]), 1e-12),
         "_cfg": cfg, "_objective": setup.objective,
     }
 
@@ -285,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
           f"F={cfg.mlp_dim} V={cfg.vocab_size} ({result['params'] / 1e6:.1f}M params), "
           f"batch {result['batch_size']} x seq {result['seq_len']}, {cfg.dtype}")
     print(f"devices: {result['devices']} x {result['device_kind']}, mesh {result['mesh']}")
+    print(f"host malloc:         {'transparent huge pages' if result['host_malloc_hugepages'] else '4 KiB pages'} "
+          f"(research.hugepages; RESEARCH_HUGEPAGES=0 turns it off)")
     print(f"compile time:        {result['compile_time_s']:.2f} s")
     print(f"step time:           {result['step_time_s'] * 1e3:.1f} ms (mean of {args.steps}; "
           f"min {result['step_time_min_s'] * 1e3:.1f} ms)")
@@ -312,4 +315,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from research import hugepages
+    hugepages.reexec_module("research.benchmark")
     sys.exit(main())

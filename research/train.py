@@ -68,4 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from research import hugepages
+    hugepages.reexec_module("research.train")
     sys.exit(main())

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import flops
+from research import flops, hugepages
 from research.bert import BertPretrainingObjective
 from research.model import TransformerConfig
 from research.objectives import CausalLMObjective
@@ -77,7 +77,8 @@ KEYS = ("tokens_per_sec", "tokens_per_sec_per_device", "step_time_s", "model_flo
 
 
 def _cli(*args):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_HUGEPAGES")}
+    env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "research.benchmark", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -94,6 +95,12 @@ def test_benchmark_cli_gpt_tiny():
     assert result["vocab_size"] == 8064 and result["batch_size"] == 2 and result["seq_len"] == 32
     assert result["model_flops_per_step"] > 0 and result["tokens_per_sec"] > 0
     assert "MFU" in out and "tokens/s" in out
+    # `python -m research.benchmark` re-executes itself with huge-page malloc where the system
+    # offers it (research.hugepages) and says so.
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_HUGEPAGES")}
+    expected = hugepages.hugepage_env(clean, sys.platform, hugepages.glibc_version(),
+                                      hugepages.thp_mode()) is not None
+    assert result["host_malloc_hugepages"] is expected
 
 
 @pytest.mark.parametrize("model,run,extra", [

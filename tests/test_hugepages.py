@@ -1,0 +1,80 @@
+"""research.hugepages: when the entry points re-execute with huge-page malloc, and that it works."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from research import hugepages
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+@pytest.mark.parametrize("env,platform,glibc,thp,expected", [
+    ({}, "linux", (2, 36), "madvise", TUNABLE),
+    ({}, "linux", (2, 35), "always", TUNABLE),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "linux", (2, 36), "madvise",
+     "glibc.malloc.arena_max=2:" + TUNABLE),
+    ({}, "linux", (2, 36), "never", None),
+    ({}, "linux", (2, 36), None, None),
+    ({}, "linux", (2, 34), "madvise", None),
+    ({}, "linux", None, "madvise", None),  # musl or another libc
+    ({}, "darwin", (2, 36), "madvise", None),
+    ({"RESEARCH_HUGEPAGES": "0"}, "linux", (2, 36), "madvise", None),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "linux", (2, 36), "madvise", None),
+])
+def test_hugepage_env_decision(env, platform, glibc, thp, expected):
+    out = hugepages.hugepage_env({"PATH": "/bin", **env}, platform, glibc, thp)
+    if expected is None:
+        assert out is None
+    else:
+        assert out["GLIBC_TUNABLES"] == expected and out["PATH"] == "/bin"
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path):
+    path = tmp_path / "enabled"
+    path.write_text("always [madvise] never\n")
+    assert hugepages.thp_mode(str(path)) == "madvise"
+    path.write_text("[always] madvise never\n")
+    assert hugepages.thp_mode(str(path)) == "always"
+    assert hugepages.thp_mode(str(tmp_path / "missing")) is None
+
+
+def _run_module(env_extra: dict[str, str]) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_HUGEPAGES")}
+    env.update(env_extra)
+    proc = subprocess.run([sys.executable, "-m", "research.hugepages", "a", "--b=c"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _expected_on() -> bool:
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_HUGEPAGES")}
+    return hugepages.hugepage_env(clean, sys.platform, hugepages.glibc_version(),
+                                  hugepages.thp_mode()) is not None
+
+
+def test_entry_point_reexecs_with_huge_pages_and_keeps_its_arguments():
+    out = _run_module({})
+    assert "(args ['a', '--b=c'])" in out
+    huge = int(re.search(r"AnonHugePages after a 64 MiB malloc: (\d+)", out).group(1))
+    if _expected_on():
+        assert "huge-page malloc: on" in out and TUNABLE in out
+        assert huge >= 32 << 20, out  # most of the 64 MiB buffer sits on 2 MiB pages
+    else:
+        assert "huge-page malloc: off" in out
+
+
+def test_opt_out_leaves_malloc_alone():
+    out = _run_module({"RESEARCH_HUGEPAGES": "0"})
+    assert "huge-page malloc: off" in out and "(args ['a', '--b=c'])" in out
+    if _expected_on():  # the kernel would give huge pages only when asked (THP mode madvise)
+        if hugepages.thp_mode() == "madvise":
+            assert "AnonHugePages after a 64 MiB malloc: 0 bytes" in out
