@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from research.losses import MetricSums
-from research.model import Norm, TransformerConfig, TransformerStack
+from research.model import Norm, TransformerConfig, TransformerStack, gelu_exact
 
 Array = jax.Array
 
@@ -117,7 +117,7 @@ class BertPretrainer(nn.Module):
         cfg = self.cfg
         x = gather_positions(sequence, masked_lm_positions)  # [B, P, D]
         x = _constrain(x, ("act_batch", None, "act_embed"))
-        x = self.mlm_norm(nn.gelu(self.mlm_transform(x), approximate=False))
+        x = self.mlm_norm(gelu_exact(self.mlm_transform(x)))
         if cfg.tie_embeddings:
             logits = self.encoder.token_embed.attend(x)
         else:

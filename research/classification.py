@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.model import TransformerConfig, TransformerStack
+from research.model import Dropout, TransformerConfig, TransformerStack
 
 TASKS = ("binary", "multiclass", "regression")
 
@@ -49,7 +49,7 @@ class SequenceClassifier(nn.Module):
             self.encoder = TransformerStack(cfg, name="encoder")
             self.pooler = nn.Dense(cfg.d_model, kernel_init=_normal(cfg.init_std, ("mlp", "embed")),
                                    bias_init=_zeros(("embed",)), name="pooler", **dense)
-        self.dropout = nn.Dropout(self.head_dropout)
+        self.dropout = Dropout(self.head_dropout)
         self.classifier = nn.Dense(self.num_outputs,
                                    kernel_init=_normal(self.head_init_std, ("embed", "classes")),
                                    bias_init=_zeros(("classes",)), name="classifier", **dense)

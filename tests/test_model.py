@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.model import (CausalLM, TransformerConfig, TransformerStack, analytic_param_count,
+from research.model import (CausalLM, Dropout, gelu_exact, TransformerConfig, TransformerStack, analytic_param_count,
                             count_params)
 
 SMALL = dict(vocab_size=97, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=32)
@@ -251,3 +251,53 @@ def test_attention_dropout_path_equals_fused_attention_at_rate_zero_limit(kv_hea
         {"params": params}, toks, segment_ids=seg, deterministic=False,
         rngs={"dropout": jax.random.key(0)})
     assert not np.allclose(dropped, fused, atol=1e-3)
+
+
+def _dropout(rate, x, seed=0, deterministic=False):
+    return Dropout(rate).apply({}, x, deterministic, rngs={"dropout": jax.random.key(seed)})
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_dropout_keeps_the_right_fraction_unbiased_with_independent_halves(rate):
+    """16-bit dropout: keep frequency matches the rounded keep probability (binomial, 5 sigma),
+    kept values are scaled by exactly its inverse, and the two uniforms taken from one 32-bit
+    word (adjacent elements) are independent (joint drop rate = rate^2, 5 sigma)."""
+    x = jnp.full((64, 128, 257), 3.0)  # odd last dim: one half-word is sliced off per row
+    y = np.asarray(_dropout(rate, x))
+    keep_q = round((1 - rate) * 65536) / 65536
+    n = y.size
+    kept = y != 0
+    assert abs(kept.mean() - keep_q) < 5 * np.sqrt(keep_q * (1 - keep_q) / n)
+    np.testing.assert_allclose(y[kept], np.float32(3.0 * np.float32(1 / keep_q)), rtol=1e-6)
+    assert abs(y.mean() - 3.0) < 5 * 3.0 * np.sqrt((1 - keep_q) / keep_q / n)
+    pair = ~kept[..., 0:256:2] & ~kept[..., 1:256:2]  # lo and hi half of the same word
+    p2 = (1 - keep_q) ** 2
+    assert abs(pair.mean() - p2) < 5 * np.sqrt(p2 * (1 - p2) / pair.size)
+    rows = kept.reshape(-1, 257)  # and rows do not repeat each other
+    assert (rows[0] != rows[1]).any() and (rows[:, 0] != rows[:, 1]).any()
+
+
+def test_dropout_edge_cases():
+    x = jax.random.normal(jax.random.key(0), (4, 7), jnp.bfloat16)
+    np.testing.assert_array_equal(_dropout(0.3, x, deterministic=True), x)
+    np.testing.assert_array_equal(_dropout(0.0, x), x)
+    np.testing.assert_array_equal(_dropout(1.0, x), np.zeros((4, 7)))
+    assert _dropout(0.3, x).dtype == jnp.bfloat16
+    assert not np.array_equal(_dropout(0.3, x, seed=1), _dropout(0.3, x, seed=2))
+    np.testing.assert_array_equal(_dropout(0.3, x, seed=1), _dropout(0.3, x, seed=1))
+    assert _dropout(0.5, jnp.float32(2.0)).shape == ()
+    np.testing.assert_array_equal(_dropout(1e-9, x), x)  # keep probability rounds to 1
+    grad = jax.grad(lambda v: jnp.sum(_dropout(0.5, v)))(jnp.ones((8, 16)))
+    np.testing.assert_array_equal(grad, np.where(np.asarray(_dropout(0.5, jnp.ones((8, 16)))) != 0,
+                                                 2.0, 0.0))
+
+
+def test_gelu_exact_matches_the_erf_definition_and_jax():
+    from scipy.special import erf
+    x = np.linspace(-12, 12, 20001, dtype=np.float32)
+    ref = 0.5 * x.astype(np.float64) * (1 + erf(x.astype(np.float64) / np.sqrt(2)))
+    ours = np.asarray(gelu_exact(jnp.asarray(x)))
+    np.testing.assert_allclose(ours, ref, atol=2e-6, rtol=2e-6)
+    np.testing.assert_allclose(ours, jax.nn.gelu(jnp.asarray(x), approximate=False), atol=2e-6)
+    dref = 0.5 * (1 + erf(x / np.sqrt(2))) + x * np.exp(-x.astype(np.float64) ** 2 / 2) / np.sqrt(2 * np.pi)
+    np.testing.assert_allclose(jax.vmap(jax.grad(gelu_exact))(jnp.asarray(x)), dref, atol=2e-6)
