@@ -7,7 +7,9 @@
 Builds the run exactly as `python -m research.train` would (same gin files and bindings, same
 `build_setup`/`make_train_step`: mesh, sharding, optimizer, dropout), but feeds random tokens
 in the objective's batch shapes instead of reading data. Compiles (timed), warms up, then
-times `--steps` steps, blocking on each. Prints step time, tokens/s (total and per device),
+times `--steps` steps, blocking on each. Prints step time (the median over the timed steps, so
+one step slowed by a noisy neighbour does not decide the result; mean, min and every step time
+are in the JSON; the peer is timed the same way), tokens/s (total and per device),
 model FLOPs per step (`research.flops`), MFU against the device's peak, peak memory and the
 compile time; the last line is one JSON object with these numbers.
 
@@ -154,7 +156,7 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int) -> dict:
     # a neighbour stealing cycles during one measurement must not inflate the MFU.
     peak, peak_source = device_peak_flops(device, cfg.dtype)
     peak = max(peak, peak_before)
-    step_time = float(np.mean(times))
+    step_time = float(np.median(times))
     model_flops = flops.objective_training_flops(setup.objective, cfg, batch_size, seq_len)
     memory, memory_source = peak_memory_bytes(device)
     tokens = batch_size * seq_len
@@ -165,7 +167,8 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int) -> dict:
         "params": count_params(state["params"]), "devices": n_dev,
         "device_kind": device.device_kind, "mesh": dict(setup.mesh.shape),
         "steps": steps, "warmup": warmup, "step_time_s": step_time,
-        "step_time_min_s": float(np.min(times)), "tokens_per_sec": tokens / step_time,
+        "step_time_min_s": float(np.min(times)), "step_time_mean_s": float(np.mean(times)),
+        "step_times_s": [float(t) for t in times], "tokens_per_sec": tokens / step_time,
         "tokens_per_sec_per_device": tokens / step_time / n_dev,
         "model_flops_per_step": model_flops,
         "model_flops_per_sec": model_flops / step_time,
@@ -242,10 +245,10 @@ def run_hf_torch(cfg, objective, batch_size: int, seq_len: int, steps: int, warm
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    step_time = float(np.mean(times))
+    step_time = float(np.median(times))
     return {"model": name, "transformers": transformers.__version__, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters()),
-            "step_time_s": step_time, "tokens_per_sec": batch_size * seq_len / step_time}
+            "step_time_s": step_time, "step_times_s": [float(t) for t in times], "tokens_per_sec": batch_size * seq_len / step_time}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -289,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host malloc:         {'transparent huge pages' if result['host_malloc_hugepages'] else '4 KiB pages'} "
           f"(research.hugepages; RESEARCH_HUGEPAGES=0 turns it off)")
     print(f"compile time:        {result['compile_time_s']:.2f} s")
-    print(f"step time:           {result['step_time_s'] * 1e3:.1f} ms (mean of {args.steps}; "
-          f"min {result['step_time_min_s'] * 1e3:.1f} ms)")
+    print(f"step time:           {result['step_time_s'] * 1e3:.1f} ms (median of {args.steps}; "
+          f"mean {result['step_time_mean_s'] * 1e3:.1f}, min {result['step_time_min_s'] * 1e3:.1f} ms)")
     print(f"tokens/s:            {result['tokens_per_sec']:.1f} "
           f"({result['tokens_per_sec_per_device']:.1f} per device)")
     print(f"model FLOPs/step:    {result['model_flops_per_step']:.4g} "

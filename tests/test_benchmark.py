@@ -94,6 +94,9 @@ def test_benchmark_cli_gpt_tiny():
         assert key in result, key
     assert result["vocab_size"] == 8064 and result["batch_size"] == 2 and result["seq_len"] == 32
     assert result["model_flops_per_step"] > 0 and result["tokens_per_sec"] > 0
+    times = result["step_times_s"]  # headline = median of the timed steps
+    assert len(times) == 2 and result["step_time_s"] == pytest.approx(float(np.median(times)))
+    assert result["tokens_per_sec"] == pytest.approx(2 * 32 / result["step_time_s"])
     assert "MFU" in out and "tokens/s" in out
     # `python -m research.benchmark` re-executes itself with huge-page malloc where the system
     # offers it (research.hugepages) and says so.
