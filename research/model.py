@@ -409,6 +409,16 @@ class _ScanBlock(nn.Module):
         return Block(self.cfg, name="block")(x, segment_ids, positions, deterministic, decode), None
 
 
+def _lookup(embed: nn.Embed, ids: Array, rows_axis: str) -> Array:
+    """embed(ids) with the table's embedding dim gathered first: [V, D] (vocab sharded, embed
+    replicated) -> rows [B, T, D] sharded like `ids` (batch). Gathering straight from an
+    embed-sharded table gives D-sharded rows that GSPMD cannot move to batch sharding except by
+    replicating them ("involuntary full rematerialization" on data x fsdp x tensor meshes);
+    this is the FSDP all-gather of one weight, as every matmul weight gets."""
+    table = _constrain(embed.embedding, (rows_axis, None))
+    return jnp.take(table, ids, axis=0).astype(embed.dtype or table.dtype)
+
+
 class TransformerStack(nn.Module):
     """Embeddings → num_layers Blocks → final norm. Causal or bidirectional by config.
 
@@ -459,13 +469,13 @@ class TransformerStack(nn.Module):
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.token_embed(tokens)
+        x = _lookup(self.token_embed, tokens, "vocab")
         if cfg.position == "learned":
-            x = x + self.position_embed(positions)
+            x = x + _lookup(self.position_embed, positions, "position")
         if cfg.type_vocab_size:
             if token_type_ids is None:
                 token_type_ids = jnp.zeros_like(tokens)
-            x = x + self.type_embed(token_type_ids)
+            x = x + _lookup(self.type_embed, token_type_ids, "type_vocab")
         if cfg.embedding_norm:
             x = self.embedding_norm(x)
         x = self.dropout(x, deterministic=deterministic)
