@@ -248,7 +248,8 @@ def run_hf_torch(cfg, objective, batch_size: int, seq_len: int, steps: int, warm
     step_time = float(np.median(times))
     return {"model": name, "transformers": transformers.__version__, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters()),
-            "step_time_s": step_time, "step_times_s": [float(t) for t in times], "tokens_per_sec": batch_size * seq_len / step_time}
+            "step_time_s": step_time, "step_times_s": [float(t) for t in times],
+            "tokens_per_sec": batch_size * seq_len / step_time}
 
 
 def _fmt_bytes(n: float) -> str:

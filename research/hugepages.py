@@ -16,7 +16,6 @@ glibc older than 2.35, when the kernel's THP mode is `never`, or when `RESEARCH_
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from typing import Mapping
 
@@ -70,7 +69,9 @@ def reexec_module(module: str) -> None:
     env = hugepage_env(os.environ, sys.platform, glibc_version(), thp_mode())
     if env is None:
         return
-    argv = [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", module, *sys.argv[1:]]
+    # sys.orig_argv keeps the interpreter's own flags (-X, -W, ...) as well as `-m module args`.
+    argv = [sys.executable, *sys.orig_argv[1:]] if sys.orig_argv else [
+        sys.executable, "-m", module, *sys.argv[1:]]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, env)

@@ -187,8 +187,9 @@ class Dropout(nn.Module):
                                 jnp.uint32)
         bits = jnp.stack([words & 0xFFFF, words >> 16], axis=-1)
         bits = bits.reshape(shape[:-1] + (2 * words.shape[-1],))[..., :last].reshape(x.shape)
-        scale = jnp.asarray(65536 / keep, x.dtype)
-        return jnp.where(bits < jnp.uint32(keep), x * scale, jnp.zeros((), x.dtype))
+        wide = jnp.promote_types(x.dtype, jnp.float32)  # rescale bf16 in fp32, round once
+        kept = (x.astype(wide) * jnp.asarray(65536 / keep, wide)).astype(x.dtype)
+        return jnp.where(bits < jnp.uint32(keep), kept, jnp.zeros((), x.dtype))
 
 
 class Norm(nn.Module):

@@ -282,7 +282,11 @@ def test_dropout_edge_cases():
     np.testing.assert_array_equal(_dropout(0.3, x, deterministic=True), x)
     np.testing.assert_array_equal(_dropout(0.0, x), x)
     np.testing.assert_array_equal(_dropout(1.0, x), np.zeros((4, 7)))
-    assert _dropout(0.3, x).dtype == jnp.bfloat16
+    y = _dropout(0.3, x)
+    assert y.dtype == jnp.bfloat16
+    scale = 65536 / round(0.7 * 65536)  # bf16 kept values: rescaled in fp32, rounded once
+    expected = (np.asarray(x, np.float32) * np.float32(scale)).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(y)[np.asarray(y) != 0], expected[np.asarray(y) != 0])
     assert not np.array_equal(_dropout(0.3, x, seed=1), _dropout(0.3, x, seed=2))
     np.testing.assert_array_equal(_dropout(0.3, x, seed=1), _dropout(0.3, x, seed=1))
     assert _dropout(0.5, jnp.float32(2.0)).shape == ()
