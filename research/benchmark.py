@@ -252,6 +252,27 @@ def run_hf_torch(cfg, objective, batch_size: int, seq_len: int, steps: int, warm
             "tokens_per_sec": batch_size * seq_len / step_time}
 
 
+TABLE_HEADER = ("| machine | run | precision | step (median) | tokens/s | model FLOPs/step | MFU (peak) "
+                "| peak memory | compile | peer tokens/s | ours / peer |\n|" + "---|" * 11)
+
+
+def table_row(result: dict, gin_files: list[str]) -> str:
+    """One Markdown row of the README performance table for a benchmark result."""
+    names = " + ".join(os.path.splitext(os.path.basename(f))[0] for f in gin_files)
+    machine = f"{result['devices']} x {result['device_kind']}"
+    if result["device_kind"] == "cpu":
+        machine += f" ({os.cpu_count()} cores)"
+    peer = result.get("compare")
+    peer_tps = f"{peer['tokens_per_sec']:.0f} ({peer['model']})" if peer else "-"
+    ratio = f"{result['compare_ratio']:.2f}x" if peer else "-"
+    return (f"| {machine} | {names}, batch {result['batch_size']} x {result['seq_len']} "
+            f"| {result['dtype']} | {result['step_time_s']:.2f} s | {result['tokens_per_sec']:.0f} "
+            f"| {result['model_flops_per_step']:.3e} | {100 * result['mfu']:.1f}% "
+            f"({result['peak_flops_per_device'] / 1e12:.3f} TFLOP/s) "
+            f"| {_fmt_bytes(result['peak_memory_bytes'])} | {result['compile_time_s']:.1f} s "
+            f"| {peer_tps} | {ratio} |")
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -314,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ours / hf_torch tokens/s: {ratio:.2f}x")
         result["compare"] = {"peer": "hf_torch", **peer, "ratio_tokens_per_sec": ratio}
         result["compare_ratio"] = ratio
+    print(f"table row: {table_row(result, args.gin_file)}")
     print(json.dumps(result))
     return 0
 

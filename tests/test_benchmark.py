@@ -94,6 +94,7 @@ def test_benchmark_cli_gpt_tiny():
         assert key in result, key
     assert result["vocab_size"] == 8064 and result["batch_size"] == 2 and result["seq_len"] == 32
     assert result["model_flops_per_step"] > 0 and result["tokens_per_sec"] > 0
+    assert "table row: | 1 x cpu" in out and "gpt_tiny + pretrain_causal, batch 2 x 32" in out
     times = result["step_times_s"]  # headline = median of the timed steps
     assert len(times) == 2 and result["step_time_s"] == pytest.approx(float(np.median(times)))
     assert result["tokens_per_sec"] == pytest.approx(2 * 32 / result["step_time_s"])
@@ -144,3 +145,24 @@ def test_cpu_mfu_uses_the_higher_of_two_peak_measurements(monkeypatch):
     np.testing.assert_allclose(result["mfu"],
                                result["model_flops_per_step"] / result["step_time_s"]
                                / (3.0e9 * result["devices"]))
+
+
+def test_benchmark_table_script_prints_the_readme_table(tmp_path):
+    """experiments/benchmark_table.sh: header + one row per model; extra flags override the
+    defaults (here: tiny shapes, so the test is quick)."""
+    pytest.importorskip("transformers")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_HUGEPAGES")}
+    env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", BENCHMARK_TABLE_DIR=str(tmp_path))
+    tiny = ["--gin.TransformerConfig.num_layers=1", "--gin.TransformerConfig.d_model=32",
+            "--gin.TransformerConfig.num_heads=2", "--gin.TransformerConfig.mlp_dim=64",
+            "--gin.BATCH_SIZE=2", "--gin.SEQ_LEN=32", "--steps", "1", "--warmup", "1"]
+    proc = subprocess.run(["bash", "experiments/benchmark_table.sh", *tiny], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("| machine | run | precision") and lines[1].startswith("|---|")
+    assert len(lines) == 4, lines
+    assert "gpt_small + pretrain_causal, batch 2 x 32" in lines[2] and "GPT2LMHeadModel" in lines[2]
+    assert "bert_base + pretrain_mlm_nsp, batch 2 x 32" in lines[3] and "BertForPreTraining" in lines[3]
+    result = json.loads((tmp_path / "bert_base.txt").read_text().strip().splitlines()[-1])
+    assert result["num_layers"] == 1 and result["d_model"] == 32 and result["steps"] == 1
