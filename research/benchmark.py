@@ -13,6 +13,10 @@ are in the JSON; the peer is timed the same way), tokens/s (total and per device
 model FLOPs per step (`research.flops`), MFU against the device's peak, peak memory and the
 compile time; the last line is one JSON object with these numbers.
 
+Like research.train it re-executes itself once with huge-page malloc on Linux
+(research/hugepages.py; RESEARCH_HUGEPAGES=0 turns it off); the JSON says which
+(`host_malloc_hugepages`).
+
 MFU peak: the bf16 dense matmul peak of the accelerator (table below) on TPU/GPU; on CPU a
 matmul peak measured in the same run with a large `jnp.dot` in the model's compute dtype
 (before and after the timed steps; the higher is used, so a busy machine lowers the MFU

@@ -175,7 +175,7 @@ def test_generate_cli(trained_workdir):
 def test_train_help_lists_the_flags():
     out = cli(["-m", "research.train", "--help"]).stdout
     for flag in ("--gin_file", "--workdir", "--coordinator_address", "--num_processes",
-                 "--process_id", "--gin.NAME=VALUE"):
+                 "--process_id", "--gin.NAME=VALUE", "RESEARCH_HUGEPAGES=0"):
         assert flag in out
 
 
