@@ -135,13 +135,16 @@ def make_train_step(setup: Setup, microbatches: int = 1):
             (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, zero_metrics),
                                                (split, jnp.arange(microbatches)))
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["params"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"][0]) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        params = jax.tree.map(keep, params, state["params"])
-        opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+
+        def apply_update(_):
+            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+            return optax.apply_updates(state["params"], updates), opt_state
+
+        # A branch, not a select: a finite step never reads params and optimizer state twice.
+        params, opt_state = jax.lax.cond(
+            finite, apply_update, lambda _: (state["params"], state["opt_state"]), None)
         one = jnp.ones((), jnp.float32)
         metrics = dict(metrics)
         metrics["grad_norm"] = (grad_norm, one)
