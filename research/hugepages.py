@@ -45,14 +45,23 @@ def glibc_version() -> tuple[int, int] | None:
         return None
 
 
+def system_supports(platform: str, glibc: tuple[int, int] | None, thp: str | None) -> bool:
+    """Whether malloc can be given huge pages: Linux, glibc >= 2.35, THP `always`/`madvise`."""
+    return (platform.startswith("linux") and glibc is not None and glibc >= (2, 35)
+            and thp in ("always", "madvise"))
+
+
+def supported() -> bool:
+    """system_supports() for this machine (whatever this process's environment says)."""
+    return system_supports(sys.platform, glibc_version(), thp_mode())
+
+
 def hugepage_env(env: Mapping[str, str], platform: str, glibc: tuple[int, int] | None,
                  thp: str | None) -> dict[str, str] | None:
     """The environment to re-execute with, or None when nothing should change."""
     if env.get(OPT_OUT, "1") == "0" or TUNABLE in env.get("GLIBC_TUNABLES", ""):
         return None
-    if not platform.startswith("linux") or glibc is None or glibc < (2, 35):
-        return None
-    if thp not in ("always", "madvise"):
+    if not system_supports(platform, glibc, thp):
         return None
     tunables = ":".join(t for t in (env.get("GLIBC_TUNABLES", ""), f"{TUNABLE}=1") if t)
     return {**env, "GLIBC_TUNABLES": tunables}

@@ -27,6 +27,13 @@ def austen_paragraphs(limit: int | None = None) -> list[str]:
     return out
 
 
+def env_without_hugepage_settings(**extra: str) -> dict[str, str]:
+    """os.environ without GLIBC_TUNABLES / RESEARCH_HUGEPAGES (so a child process decides
+    about huge-page malloc on its own, research.hugepages), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_HUGEPAGES")}
+    return {**env, **extra}
+
+
 @pytest.fixture(scope="session")
 def sp_model(tmp_path_factory) -> str:
     """Path of a small SentencePiece model (1000 pieces) trained on Austen."""

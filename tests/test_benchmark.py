@@ -4,7 +4,6 @@ No timing assertions: the CLI runs are checked for their output, not their speed
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ from research.bert import BertPretrainingObjective
 from research.model import TransformerConfig
 from research.objectives import CausalLMObjective
 
-from .conftest import ROOT
+from .conftest import ROOT, env_without_hugepage_settings
 
 
 def test_flops_hand_count():
@@ -77,8 +76,7 @@ KEYS = ("tokens_per_sec", "tokens_per_sec_per_device", "step_time_s", "model_flo
 
 
 def _cli(*args):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_HUGEPAGES")}
-    env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = env_without_hugepage_settings(XLA_FLAGS="", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "research.benchmark", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,10 +99,7 @@ def test_benchmark_cli_gpt_tiny():
     assert "MFU" in out and "tokens/s" in out
     # `python -m research.benchmark` re-executes itself with huge-page malloc where the system
     # offers it (research.hugepages) and says so.
-    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_HUGEPAGES")}
-    expected = hugepages.hugepage_env(clean, sys.platform, hugepages.glibc_version(),
-                                      hugepages.thp_mode()) is not None
-    assert result["host_malloc_hugepages"] is expected
+    assert result["host_malloc_hugepages"] is hugepages.supported()
 
 
 @pytest.mark.parametrize("model,run,extra", [
@@ -151,8 +146,8 @@ def test_benchmark_table_script_prints_the_readme_table(tmp_path):
     """experiments/benchmark_table.sh: header + one row per model; extra flags override the
     defaults (here: tiny shapes, so the test is quick)."""
     pytest.importorskip("transformers")
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_HUGEPAGES")}
-    env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", BENCHMARK_TABLE_DIR=str(tmp_path))
+    env = env_without_hugepage_settings(XLA_FLAGS="", JAX_PLATFORMS="cpu",
+                                        BENCHMARK_TABLE_DIR=str(tmp_path))
     tiny = ["--gin.TransformerConfig.num_layers=1", "--gin.TransformerConfig.d_model=32",
             "--gin.TransformerConfig.num_heads=2", "--gin.TransformerConfig.mlp_dim=64",
             "--gin.BATCH_SIZE=2", "--gin.SEQ_LEN=32", "--steps", "1", "--warmup", "1"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -12,7 +10,8 @@ import pytest
 
 from research import hugepages
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from .conftest import ROOT, env_without_hugepage_settings
+
 TUNABLE = "glibc.malloc.hugetlb=1"
 
 
@@ -47,25 +46,18 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
 
 
 def _run_module(env_extra: dict[str, str]) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_HUGEPAGES")}
-    env.update(env_extra)
     proc = subprocess.run([sys.executable, "-m", "research.hugepages", "a", "--b=c"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env_without_hugepage_settings(**env_extra), capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
-
-
-def _expected_on() -> bool:
-    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_HUGEPAGES")}
-    return hugepages.hugepage_env(clean, sys.platform, hugepages.glibc_version(),
-                                  hugepages.thp_mode()) is not None
 
 
 def test_entry_point_reexecs_with_huge_pages_and_keeps_its_arguments():
     out = _run_module({})
     assert "(args ['a', '--b=c'])" in out
     huge = int(re.search(r"AnonHugePages after a 64 MiB malloc: (\d+)", out).group(1))
-    if _expected_on():
+    if hugepages.supported():
         assert "huge-page malloc: on" in out and TUNABLE in out
         assert huge >= 32 << 20, out  # most of the 64 MiB buffer sits on 2 MiB pages
     else:
@@ -75,6 +67,6 @@ def test_entry_point_reexecs_with_huge_pages_and_keeps_its_arguments():
 def test_opt_out_leaves_malloc_alone():
     out = _run_module({"RESEARCH_HUGEPAGES": "0"})
     assert "huge-page malloc: off" in out and "(args ['a', '--b=c'])" in out
-    if _expected_on():  # the kernel would give huge pages only when asked (THP mode madvise)
+    if hugepages.supported():  # the kernel would give huge pages only when asked (THP mode madvise)
         if hugepages.thp_mode() == "madvise":
             assert "AnonHugePages after a 64 MiB malloc: 0 bytes" in out

@@ -763,21 +763,19 @@ def heatmap_grid(sweep: Sweep, table: Table, summary: Sequence[dict[str, Any]],
     row_axis, col_axis = sweep.group_axes
     fields = (table.axis_fields[row_axis], table.axis_fields[col_axis])
 
+    def key(value: Any) -> str:  # axis values may be lists or dicts: compare them as JSON
+        return json.dumps(value, sort_keys=True, default=str)
+
     def distinct(field: str) -> list[Any]:
-        values: dict[str, Any] = {}
-        for r in summary:
-            values.setdefault(json.dumps(r[field], sort_keys=True, default=str), r[field])
-        return sorted(values.values(), key=value_key)
+        return sorted({key(r[field]): r[field] for r in summary}.values(), key=value_key)
 
     rows, cols = distinct(fields[0]), distinct(fields[1])
-    index = [{json.dumps(v, sort_keys=True, default=str): i for i, v in enumerate(values)}
-             for values in (rows, cols)]
+    index = [{key(v): i for i, v in enumerate(values)} for values in (rows, cols)]
     mean = np.full((len(rows), len(cols)), np.nan)
     std = np.full_like(mean, np.nan)
     n = np.zeros(mean.shape, dtype=int)
     for r in summary:
-        i, j = (idx[json.dumps(r[f], sort_keys=True, default=str)]
-                for idx, f in zip(index, fields))
+        i, j = (idx[key(r[f])] for idx, f in zip(index, fields))
         if r.get(f"{metric}_n") and r[f"{metric}_mean"] is not None:
             mean[i, j] = r[f"{metric}_mean"]
             n[i, j] = r[f"{metric}_n"]
