@@ -237,7 +237,7 @@ def test_bad_config_values_are_named():
 def test_attention_dropout_path_equals_fused_attention_at_rate_zero_limit(kv_heads):
     """The explicit path used for attention-probability dropout computes the same attention
     as jax.nn.dot_product_attention (checked with a rate so small nothing is dropped)."""
-    cfg = TransformerConfig(**SMALL, num_kv_heads=kv_heads, causal=False)
+    cfg = TransformerConfig(**SMALL, num_kv_heads=kv_heads, causal=False, attention_impl="xla")
     stack = TransformerStack(cfg)
     toks = tokens()
     params = init(stack, toks)
