@@ -62,7 +62,8 @@ _BUFFER_KEYS = re.compile(r"(^|\.)(position_ids|attn\.bias|attn\.masked_bias)$")
 # TransformerConfig fields model.gin leaves out when they have their default value: run-time
 # choices a run config may set, and options HF BERT / GPT-2 never use.
 _OMIT_WHEN_DEFAULT = ("vocab_multiple", "param_dtype", "dtype", "remat_policy",
-                      "attention_impl", "num_kv_heads", "head_dim", "rope_theta")
+                      "attention_impl", "attention_query_blocks", "num_kv_heads", "head_dim",
+                      "rope_theta")
 
 
 class ConversionError(ValueError):

@@ -82,6 +82,13 @@ def dot_generals(jaxpr):
              e.outvars[0].aval.shape) for e in all_eqns(jaxpr) if e.primitive.name == "dot_general"]
 
 
+def causal_block_elements(t, blocks):
+    """Score elements per (batch row, head) of causal attention in `blocks` query blocks, each
+    block scoring its queries against the keys up to its last query."""
+    bounds = sorted({round(i * t / blocks) for i in range(blocks + 1)})
+    return sum((hi - lo) * hi for lo, hi in zip(bounds, bounds[1:]))
+
+
 # ------------------------------------------------------------------ precision modes ----------
 
 def test_all_bf16_training_keeps_params_and_adam_state_in_bf16():
@@ -147,13 +154,16 @@ def test_mixed_precision_has_fp32_state_and_bf16_matmuls():
         jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, batch["inputs"],
                                                      segment_ids=batch["segment_ids"]))(params)
     dots = dot_generals(jaxpr.jaxpr)
-    # per layer q, k, v, out, wi, wo, scores = q.k, probs @ v; plus the tied output projection
-    assert len(dots) == 8 * setup.cfg.num_layers + 1
+    # per layer q, k, v, out, wi, wo and, per causal query block, scores = q.k and probs @ v;
+    # plus the tied output projection
+    layers, blocks = setup.cfg.num_layers, setup.cfg.attention_query_blocks
+    assert len(dots) == (6 + 2 * blocks) * layers + 1
     assert all(d[:2] == (jnp.bfloat16, jnp.bfloat16) for d in dots), dots
     scores = [d for d in dots if d[2] == jnp.float32]
-    assert len(scores) == setup.cfg.num_layers
-    assert all(np.prod(d[3]) == BATCH * setup.cfg.num_heads * SEQ * SEQ for d in scores)
-    assert sum(d[2] == jnp.bfloat16 for d in dots) == 7 * setup.cfg.num_layers + 1
+    assert len(scores) == blocks * layers
+    assert sum(np.prod(d[3]) for d in scores) == (
+        BATCH * setup.cfg.num_heads * causal_block_elements(SEQ, blocks) * layers)
+    assert sum(d[2] == jnp.bfloat16 for d in dots) == (6 + blocks) * layers + 1
 
 
 def test_all_bf16_adam_caveats_are_real():
@@ -230,10 +240,12 @@ def rel_err(a, b):
 def test_default_attention_equals_jax_xla_attention(causal, kv_heads, dtype):
     """attention_impl=None (model.softmax_attention) computes what jax.nn.dot_product_attention's
     XLA implementation computes: forward and every parameter gradient, packed documents with
-    padding, MHA and grouped KV heads, float32 and bf16. Only the summation order may differ:
+    padding, MHA and grouped KV heads, float32 and bf16 (one query block; the blocks are
+    checked against one block below). Only the summation order may differ:
     float32 agrees to 1e-5 relative (measured <= 1.6e-6), bf16 to within one bf16 rounding
     (2^-8; measured: identical)."""
-    cfg, params, toks, seg, pos = attention_case(causal, num_kv_heads=kv_heads, dtype=dtype)
+    cfg, params, toks, seg, pos = attention_case(causal, num_kv_heads=kv_heads, dtype=dtype,
+                                                 attention_query_blocks=1)
     assert cfg.attention_impl is None
     ours, g_ours = forward_and_grads(cfg, params, toks, seg, pos)
     jaxs, g_jax = forward_and_grads(dataclasses.replace(cfg, attention_impl="xla"), params,
@@ -251,11 +263,50 @@ def test_default_attention_scores_have_no_group_axis_for_mha():
     (as jax.nn.dot_product_attention's XLA path vmaps over) makes XLA:CPU transpose the
     [B, N, T, S] tensors, ~5% of a gpt_small train step. Grouped KV heads keep [B, K, G, T, S]."""
     for kv_heads, rank in ((4, 4), (2, 5)):
-        cfg, params, toks, seg, pos = attention_case(True, num_kv_heads=kv_heads)
+        cfg, params, toks, seg, pos = attention_case(True, num_kv_heads=kv_heads,
+                                                     attention_query_blocks=1)
         jaxpr = jax.make_jaxpr(lambda p: TransformerStack(cfg).apply(  # noqa: B023
             {"params": p}, toks, segment_ids=seg, positions=pos))(params)
         scores = [d[3] for d in dot_generals(jaxpr.jaxpr) if d[3].count(16) == 2]  # T = S = 16
         assert scores and all(len(shape) == rank for shape in scores), scores
+
+
+@pytest.mark.parametrize("blocks", [4, 3, 16])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_causal_query_blocks_equal_one_block(blocks, kv_heads):
+    """attention_query_blocks splits causal self-attention into query blocks that skip the
+    masked keys: forward and every gradient equal one block (float32, summation order only),
+    packed documents with padding, T = 16 split evenly (4), unevenly (3: 5/6/5 queries) and
+    into single queries (16); the score matmuls really shrink to the causal prefix."""
+    cfg, params, toks, seg, pos = attention_case(True, num_kv_heads=kv_heads,
+                                                 attention_query_blocks=blocks)
+    blocked, g_blocked = forward_and_grads(cfg, params, toks, seg, pos)
+    one, g_one = forward_and_grads(dataclasses.replace(cfg, attention_query_blocks=1), params,
+                                   toks, seg, pos)
+    assert rel_err(blocked, one) < 1e-5
+    flat = jax.tree_util.tree_flatten_with_path(g_blocked)[0]
+    for (path, a), b in zip(flat, jax.tree.leaves(g_one)):
+        assert rel_err(a, b) < 1e-5, jax.tree_util.keystr(path)
+    jaxpr = jax.make_jaxpr(lambda p: TransformerStack(cfg).apply(
+        {"params": p}, toks, segment_ids=seg, positions=pos))(params)
+    score_elems = sum(int(np.prod(e.outvars[0].aval.shape)) for e in all_eqns(jaxpr.jaxpr)
+                      if e.primitive.name == "exp")  # the softmax's, one per score element
+    per_head = causal_block_elements(16, blocks)
+    assert score_elems == 2 * 4 * per_head  # batch 2 x 4 heads x the causal prefix blocks
+    assert per_head < 16 * 16
+
+
+def test_query_blocks_apply_only_to_causal_self_attention():
+    """Bidirectional attention and KV-cache decoding ignore attention_query_blocks (one block);
+    a value below 1 is refused with the fix named."""
+    cfg, params, toks, seg, pos = attention_case(False, attention_query_blocks=4)
+    a = TransformerStack(cfg).apply({"params": params}, toks, segment_ids=seg, positions=pos)
+    b = TransformerStack(dataclasses.replace(cfg, attention_query_blocks=1)).apply(
+        {"params": params}, toks, segment_ids=seg, positions=pos)
+    np.testing.assert_array_equal(a, b)
+    for bad in (0, 2.0):
+        with pytest.raises(ValueError, match="attention_query_blocks must be an integer >= 1"):
+            TransformerConfig(attention_query_blocks=bad)
 
 
 def test_explicit_softmax_path_matches_fused_attention_causal_packed():
