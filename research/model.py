@@ -72,8 +72,9 @@ class TransformerConfig:
     # None: `softmax_attention` below; "xla" / "cudnn": jax.nn.dot_product_attention's
     # implementations ("cudnn": NVIDIA GPU, bf16)
     attention_impl: str | None = None
-    # causal self-attention in training/eval (attention_impl None) runs in this many query
-    # blocks, each attending only keys up to its last query (1 = one block)
+    # causal self-attention through `softmax_attention` (attention_impl None, or attention
+    # dropout in training) runs in this many query blocks, each attending only the keys up to
+    # its last query (1 = one block; KV-cache decoding always uses one)
     attention_query_blocks: int = 4
 
     def __post_init__(self):
@@ -265,7 +266,7 @@ def softmax_attention(q: Array, k: Array, v: Array, mask: Array,
     probabilities cast to v's dtype. `dropout` (if given) is applied to the float32
     probabilities (BERT's attention dropout). Unlike JAX's, it does not vmap over the query
     groups when there is one per KV head: on XLA:CPU that size-1 axis costs transposes of
-    [B,N,T,S] tensors (train step 4.48 -> 4.25 s, gpt_small on the 2-core CPU).
+    [B,N,T,S] tensors (gpt_small train step 4.42 -> 4.29 s on the 2-core CPU).
     """
     b, t, n, h = q.shape
     kv = k.shape[2]
@@ -289,7 +290,7 @@ def causal_blocked_attention(q: Array, k: Array, v: Array, mask: Array, blocks: 
     """`softmax_attention` for causal self-attention (T == S) in `blocks` query blocks, block i
     attending only the keys up to its last query. Skips the all-masked key blocks above the
     diagonal, (blocks - 1) / (2 blocks) of the score work (37.5% at 4 blocks; gpt_small train
-    step 4.31 -> 3.99 s on the 2-core CPU). The result is the unblocked one: a masked key's
+    step 4.37 -> 4.06 s on the 2-core CPU). The result is the unblocked one: a masked key's
     softmax weight is exactly 0 there. Shapes as in `softmax_attention`.
     """
     t = q.shape[1]
