@@ -17,7 +17,7 @@ from research.bert import BertPretrainingObjective
 from research.model import TransformerConfig
 from research.objectives import CausalLMObjective
 
-from .conftest import ROOT, env_without_hugepage_settings
+from .conftest import ROOT, causal_block_elements, env_without_hugepage_settings
 
 
 def test_flops_hand_count():
@@ -73,8 +73,7 @@ def test_flops_match_xla_cost_analysis(kind):
             cost = cost[0]
         full = flops.objective_training_flops(obj, cfg, b, t, causal_half=False)
         attention = 2 * (full - flops.objective_training_flops(obj, cfg, b, t))  # 0 for BERT
-        bounds = sorted({round(i * t / blocks) for i in range(blocks + 1)})
-        computed = sum((hi - lo) * hi for lo, hi in zip(bounds, bounds[1:])) / t ** 2
+        computed = causal_block_elements(t, blocks) / t ** 2
         ours = full - attention + attention * computed
         assert 1.0 <= cost["flops"] / ours <= 1.10, (blocks, cost["flops"], ours)
 

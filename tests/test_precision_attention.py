@@ -17,7 +17,7 @@ from research.objectives import CausalLMObjective
 from research.optim import make_optimizer
 from research.trainer import build_setup, make_train_step
 
-from .conftest import ROOT
+from .conftest import ROOT, causal_block_elements
 
 VOCAB = str(ROOT / "data" / "tokenizers" / "austen_8k.model")
 SEQ, BATCH = 16, 4
@@ -80,13 +80,6 @@ def dot_generals(jaxpr):
     """(lhs dtype, rhs dtype, out dtype, out shape) of every dot_general."""
     return [(e.invars[0].aval.dtype, e.invars[1].aval.dtype, e.outvars[0].aval.dtype,
              e.outvars[0].aval.shape) for e in all_eqns(jaxpr) if e.primitive.name == "dot_general"]
-
-
-def causal_block_elements(t, blocks):
-    """Score elements per (batch row, head) of causal attention in `blocks` query blocks, each
-    block scoring its queries against the keys up to its last query."""
-    bounds = sorted({round(i * t / blocks) for i in range(blocks + 1)})
-    return sum((hi - lo) * hi for lo, hi in zip(bounds, bounds[1:]))
 
 
 # ------------------------------------------------------------------ precision modes ----------
@@ -297,8 +290,9 @@ def test_causal_query_blocks_equal_one_block(blocks, kv_heads):
 
 
 def test_query_blocks_apply_only_to_causal_self_attention():
-    """Bidirectional attention and KV-cache decoding ignore attention_query_blocks (one block);
-    a value below 1 is refused with the fix named."""
+    """Bidirectional attention ignores attention_query_blocks (one block); a value below 1 is
+    refused with the fix named. (KV-cache decoding, also one block, is checked against the
+    blocked full forward by tests/test_generate.py::test_kv_cache_equals_no_cache.)"""
     cfg, params, toks, seg, pos = attention_case(False, attention_query_blocks=4)
     a = TransformerStack(cfg).apply({"params": params}, toks, segment_ids=seg, positions=pos)
     b = TransformerStack(dataclasses.replace(cfg, attention_query_blocks=1)).apply(
