@@ -10,7 +10,7 @@ in the objective's batch shapes instead of reading data. Compiles (timed), warms
 times `--steps` steps, blocking on each. Prints step time (the median over the timed steps, so
 one step slowed by a noisy neighbour does not decide the result; mean, min and every step time
 are in the JSON; the peer is timed the same way), tokens/s (total and per device),
-model FLOPs per step (`research.flops`), MFU against the device's peak, peak memory and the
+model FLOPs per step (`research.models.flops`), MFU against the device's peak, peak memory and the
 compile time; the last line is one JSON object with these numbers.
 
 Like research.train it re-executes itself once with huge-page malloc on Linux
@@ -121,9 +121,11 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int) -> dict:
     """Builds the run as research.train does, times its train step on synthetic batches."""
     import jax
 
-    from research import flops, hugepages, partitioning
-    from research.model import count_params
-    from research.trainer import build_setup, make_train_step
+    from research.models import flops
+    from research.training import hugepages
+    from research.training import partitioning
+    from research.models.transformer import count_params
+    from research.training.loop import build_setup, make_train_step
 
     batch_size, seq_len = run["batch_size"], run["seq_len"]
     num_steps = run.get("num_steps") or 1000
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parse_gin(args.gin_file, bindings)
     import gin
 
-    from research.trainer import train
+    from research.training.loop import train
     run = gin.get_bindings(train)
     missing = [k for k in ("model_config", "objective", "vocab", "batch_size", "seq_len",
                            "learning_rate") if run.get(k) is None]
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {result['batch_size']} x seq {result['seq_len']}, {cfg.dtype}")
     print(f"devices: {result['devices']} x {result['device_kind']}, mesh {result['mesh']}")
     print(f"host malloc:         {'transparent huge pages' if result['host_malloc_hugepages'] else '4 KiB pages'} "
-          f"(research.hugepages; RESEARCH_HUGEPAGES=0 turns it off)")
+          f"(research.training.hugepages; RESEARCH_HUGEPAGES=0 turns it off)")
     print(f"compile time:        {result['compile_time_s']:.2f} s")
     print(f"step time:           {result['step_time_s'] * 1e3:.1f} ms (median of {args.steps}; "
           f"mean {result['step_time_mean_s'] * 1e3:.1f}, min {result['step_time_min_s'] * 1e3:.1f} ms)")
@@ -345,6 +347,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from research import hugepages
+    from research.training import hugepages
     hugepages.reexec_module("research.benchmark")
     sys.exit(main())

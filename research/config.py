@@ -67,8 +67,7 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], *, finalize: bo
     macro override (`--gin.TRAIN_STEPZ=5`) that no gin file defines or uses."""
     import research.configurables  # noqa: F401 - registers every configurable before parsing
     gin.add_config_file_search_path(str(REPO_ROOT))
-    from research.reliability import (check_gin_bindings, explain_gin_error,
-                                      explain_missing_required)
+    from research.gin_checks import check_gin_bindings, explain_gin_error, explain_missing_required
     files = [resolve_gin_file(f) for f in gin_files]
     check_gin_bindings(files, bindings, str(REPO_ROOT))
     try:
@@ -84,7 +83,7 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], *, finalize: bo
 def check_required(fn, name: str, gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     """After `parse_gin`: ValueError naming every gin.REQUIRED parameter of configurable
     `name` (the function `fn`) left unbound, and the macro or binding to set."""
-    from research.reliability import check_required_bindings
+    from research.gin_checks import check_required_bindings
     files = [resolve_gin_file(f) for f in gin_files]
     check_required_bindings(fn, name, files, bindings, str(REPO_ROOT))
 

@@ -1,4 +1,6 @@
 """Imports every module that defines gin configurables, so any config can be parsed."""
 
-from research import bert, classification, model, objectives, optim, partitioning, trainer  # noqa: F401
 from research.data import sources  # noqa: F401
+from research.models import transformer  # noqa: F401
+from research.objectives import bert_pretraining, causal_lm, classification  # noqa: F401
+from research.training import loop, optim, partitioning  # noqa: F401

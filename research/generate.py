@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.model import CausalLM, TransformerConfig
+from research.models.transformer import CausalLM, TransformerConfig
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +135,7 @@ def generate(model: CausalLM, params, prompts: Sequence[Sequence[int]], *, max_n
 
 def load_for_generation(workdir: str, step: int | None = None):
     """(model, params, tokenizer) from a training workdir's run.json and latest checkpoint."""
-    from research.checkpointing import Checkpointer
+    from research.checkpoints.manager import Checkpointer
     from research.data.tokenizer import load_tokenizer
 
     info_path = os.path.join(workdir, "run.json")

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     initialize_distributed(args)
-    from research.trainer import train
+    from research.training.loop import train
     try:
         parse_gin(args.gin_file, bindings)
         check_required(train, "train", args.gin_file, bindings)  # before any compute
@@ -51,15 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {err}\n")
     import jax
 
-    from research.reliability import ReliabilityError, explain_required_runtime
+    from research.errors import EXPECTED
+    from research.gin_checks import explain_required_runtime
 
     try:
         metrics = train(args.workdir)
-    except ReliabilityError as err:  # refused or stopped to protect the run: no traceback needed
+    except EXPECTED as err:  # refused or stopped to protect the run: no traceback needed
         text = str(err).split("\n  In call to configurable")[0]  # gin's note: noise here
         logging.error("%s", text)
         print(f"error: {text}", file=sys.stderr, flush=True)
-        return 1
+        return err.exit_code
     except RuntimeError as err:  # gin: a REQUIRED parameter unbound (check_required missed it)
         better = explain_required_runtime(err)
         if better is None:
@@ -72,6 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from research import hugepages
+    from research.training import hugepages
     hugepages.reexec_module("research.train")
     sys.exit(main())

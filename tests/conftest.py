@@ -37,7 +37,7 @@ def causal_block_elements(t: int, blocks: int) -> int:
 
 def env_without_hugepage_settings(**extra: str) -> dict[str, str]:
     """os.environ without GLIBC_TUNABLES / RESEARCH_HUGEPAGES (so a child process decides
-    about huge-page malloc on its own, research.hugepages), plus `extra`."""
+    about huge-page malloc on its own, research.training.hugepages), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_HUGEPAGES")}
     return {**env, **extra}
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from research import reliability
+from research import errors
 
 from .conftest import ROOT
 
@@ -64,8 +64,8 @@ def test_missing_required_value_names_the_binding_and_macro(tmp_path, case):
 
 
 def _tiny_kwargs():
-    from research.model import TransformerConfig
-    from research.objectives import CausalLMObjective
+    from research.models.transformer import TransformerConfig
+    from research.objectives.causal_lm import CausalLMObjective
     return dict(model_config=TransformerConfig(num_layers=1, d_model=32, num_heads=4,
                                                mlp_dim=64, max_len=64),
                 objective=CausalLMObjective(), train_data="text:data/austen/persuasion.txt",
@@ -85,10 +85,10 @@ def _tiny_kwargs():
     ("eval_data", ["a.txt"], "EVAL_DATA (train.eval_data) = ['a.txt'] (list) must be a string"),
 ])
 def test_wrong_types_for_train_fail_before_compute(tmp_path, param, value, expected):
-    from research.trainer import train
+    from research.training.loop import train
     gin.clear_config()
     workdir = tmp_path / "run"
-    with pytest.raises(reliability.InvalidConfigError) as info:
+    with pytest.raises(errors.InvalidConfigError) as info:
         train(str(workdir), **{**_tiny_kwargs(), param: value})
     assert expected in str(info.value)
     assert "--gin." in str(info.value)  # says how to fix it
@@ -100,14 +100,14 @@ def test_wrong_type_through_the_cli(tmp_path):
     assert_one_line_error(proc, "BATCH_SIZE (train.batch_size) = '8' (str) must be a positive int",
                           "LEARNING_RATE (train.learning_rate) = -1.0 (float) must be a positive",
                           "--gin.BATCH_SIZE=16")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from research.model import TransformerConfig
-    from research.objectives import CausalLMObjective
-    from research.trainer import build_setup
+    from research.models.transformer import TransformerConfig
+    from research.objectives.causal_lm import CausalLMObjective
+    from research.training.loop import build_setup
     cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=4, mlp_dim=64, max_len=64,
                             vocab_multiple=8)
     return build_setup(model_config=cfg, objective=CausalLMObjective(),
@@ -121,7 +121,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
                                                              async_save):
     from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
-    from research.checkpointing import TMP_MARKER, Checkpointer
+    from research.checkpoints.manager import TMP_MARKER, Checkpointer
     directory = tmp_path / "checkpoints"
     state = setup.init_state()
     saved = jax.tree.map(np.asarray, state["params"])
@@ -136,7 +136,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", full_disk)
     ckpt = Checkpointer(str(directory), save_every=10, async_save=async_save)
     assert ckpt.save(10, state, {"position": 10})
-    with pytest.raises(reliability.CheckpointSaveError) as info:
+    with pytest.raises(errors.CheckpointSaveError) as info:
         ckpt.save(20, {**state, "params": jax.tree.map(lambda x: x + 1, state["params"])},
                   {"position": 20})
         ckpt.close()  # async: the background commit's error surfaces here

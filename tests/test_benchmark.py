@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import flops, hugepages
-from research.bert import BertPretrainingObjective
-from research.model import TransformerConfig
-from research.objectives import CausalLMObjective
+from research.models import flops
+from research.training import hugepages
+from research.objectives.bert_pretraining import BertPretrainingObjective
+from research.models.transformer import TransformerConfig
+from research.objectives.causal_lm import CausalLMObjective
 
 from .conftest import ROOT, causal_block_elements, env_without_hugepage_settings
 
@@ -105,7 +106,7 @@ def test_benchmark_cli_gpt_tiny():
     assert result["tokens_per_sec"] == pytest.approx(2 * 32 / result["step_time_s"])
     assert "MFU" in out and "tokens/s" in out
     # `python -m research.benchmark` re-executes itself with huge-page malloc where the system
-    # offers it (research.hugepages) and says so.
+    # offers it (research.training.hugepages) and says so.
     assert result["host_malloc_hugepages"] is hugepages.supported()
 
 
@@ -132,7 +133,7 @@ def test_cpu_mfu_uses_the_higher_of_two_peak_measurements(monkeypatch):
 
     from research import benchmark
     from research.config import parse_gin
-    from research.trainer import train
+    from research.training.loop import train
 
     measured = iter([1.0e9, 3.0e9])  # before, after
     monkeypatch.setattr(benchmark, "measure_matmul_peak", lambda dtype, **_: next(measured))

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from research import partitioning
-from research.bert import BertPretrainer, BertPretrainingObjective, bert_param_count
+from research.training import partitioning
+from research.models.bert import BertPretrainer, bert_param_count
+from research.objectives.bert_pretraining import BertPretrainingObjective
 from research.config import parse_gin
 from research.data.sources import DocumentList
-from research.losses import summarize
-from research.model import TransformerConfig, count_params
-from research.trainer import build_setup, make_train_step
+from research.objectives.losses import summarize
+from research.models.transformer import TransformerConfig, count_params
+from research.training.loop import build_setup, make_train_step
 
 from .conftest import ROOT, austen_paragraphs
 

@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import losses, partitioning
+from research.objectives import losses
+from research.training import partitioning
 from research.data.causal_lm import make_causal_lm_iterator
 from research.data.sources import DocumentList
-from research.model import CausalLM, TransformerConfig
-from research.objectives import CausalLMObjective
-from research.trainer import build_setup, make_train_step
+from research.models.transformer import CausalLM, TransformerConfig
+from research.objectives.causal_lm import CausalLMObjective
+from research.training.loop import build_setup, make_train_step
 
 from .conftest import austen_paragraphs
 

@@ -7,7 +7,7 @@ import flax.linen as nn
 import pytest
 
 from research.config import parse_gin
-from research.model import TransformerConfig, analytic_param_count, count_params
+from research.models.transformer import TransformerConfig, analytic_param_count, count_params
 
 from .conftest import ROOT
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from research.generate import generate, left_pad, sample_logits
-from research.model import CausalLM, TransformerConfig
+from research.models.transformer import CausalLM, TransformerConfig
 
 PROMPTS = [[2, 5, 6, 7, 8, 9], [2, 10], [2, 3, 4]]
 

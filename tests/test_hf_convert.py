@@ -1,4 +1,4 @@
-"""tools/convert_checkpoint.py and research.hf_convert: numerical parity with Hugging Face
+"""tools/convert_checkpoint.py and research.checkpoints.hf.convert: numerical parity with Hugging Face
 PyTorch models (BERT pretraining, BERT classification, GPT-2) built from small random
 configs, bit-exact ours -> HF -> ours round trips, and the error cases.
 
@@ -31,11 +31,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from research import hf_convert, init_checkpoint  # noqa: E402
-from research.bert import BertPretrainer  # noqa: E402
-from research.checkpointing import Checkpointer  # noqa: E402
-from research.classification import SequenceClassifier  # noqa: E402
-from research.model import CausalLM, TransformerConfig  # noqa: E402
+from research.checkpoints.hf import convert as hf_convert  # noqa: E402
+from research.checkpoints import init_from as init_checkpoint  # noqa: E402
+from research.models.bert import BertPretrainer  # noqa: E402
+from research.checkpoints.manager import Checkpointer  # noqa: E402
+from research.models.heads import SequenceClassifier  # noqa: E402
+from research.models.transformer import CausalLM, TransformerConfig  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOL = 1e-4
@@ -101,7 +102,7 @@ def init_params(model: nn.Module, *args) -> dict:
 
 
 def restore(out: str, model: nn.Module, *init_args) -> dict:
-    """Parameters of `model` read with research.checkpointing.Checkpointer.restore_params."""
+    """Parameters of `model` read with research.checkpoints.manager.Checkpointer.restore_params."""
     abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *init_args)["params"]))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

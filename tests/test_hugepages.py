@@ -1,4 +1,4 @@
-"""research.hugepages: when the entry points re-execute with huge-page malloc, and that it works."""
+"""research.training.hugepages: when the entry points re-execute with huge-page malloc, and that it works."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from research import hugepages
+from research.training import hugepages
 
 from .conftest import ROOT, env_without_hugepage_settings
 
@@ -46,7 +46,7 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
 
 
 def _run_module(env_extra: dict[str, str]) -> str:
-    proc = subprocess.run([sys.executable, "-m", "research.hugepages", "a", "--b=c"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "research.training.hugepages", "a", "--b=c"], cwd=ROOT,
                           env=env_without_hugepage_settings(**env_extra), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

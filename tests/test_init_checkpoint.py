@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import init_checkpoint, partitioning
-from research.checkpointing import Checkpointer
-from research.classification import SequenceClassifier
-from research.model import CausalLM, TransformerConfig
+from research.checkpoints import init_from as init_checkpoint
+from research.training import partitioning
+from research.checkpoints.manager import Checkpointer
+from research.models.heads import SequenceClassifier
+from research.models.transformer import CausalLM, TransformerConfig
 
 CFG = TransformerConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=16)
 

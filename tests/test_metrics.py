@@ -1,4 +1,4 @@
-"""research.metrics agrees with scikit-learn / scipy; degenerate inputs give 0.0."""
+"""research.objectives.task_metrics agrees with scikit-learn / scipy; degenerate inputs give 0.0."""
 
 import warnings
 
@@ -7,7 +7,7 @@ import pytest
 import scipy.stats
 import sklearn.metrics as skm
 
-from research import metrics
+from research.objectives import task_metrics as metrics
 
 
 def _quiet(fn, *args, **kwargs):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.model import (CausalLM, Dropout, gelu_exact, TransformerConfig, TransformerStack, analytic_param_count,
+from research.models.transformer import (CausalLM, Dropout, gelu_exact, TransformerConfig, TransformerStack, analytic_param_count,
                             count_params)
 
 SMALL = dict(vocab_size=97, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=32)

@@ -23,7 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from research import reliability
+from research import errors
+from research import workdir as workdir_lib
 from research.data import causal_lm
 
 from .conftest import ROOT
@@ -215,7 +216,7 @@ def test_data_state_restores_under_any_process_count():
 
 
 def test_merge_data_states_per_kind():
-    from research.checkpointing import merge_data_states
+    from research.checkpoints.manager import merge_data_states
     # Layout-free states (classification) are equal on every process: taken as they are.
     same = {"kind": "classification", "position": 7}
     assert merge_data_states([same, dict(same)]) == same
@@ -224,7 +225,7 @@ def test_merge_data_states_per_kind():
                                 {**bert, "row_offset": 0, "rows": [[0, 1], [0, 2]]}])
     assert merged == {**bert, "row_offset": 0, "rows": [[0, 1], [0, 2], [0, 3], [8, 1]]}
     # A state that cannot be split is refused with what to do, never silently restarted.
-    with pytest.raises(reliability.ConfigMismatchError, match="Resume with 2 processes"):
+    with pytest.raises(errors.ConfigMismatchError, match="Resume with 2 processes"):
         merge_data_states([{"kind": "custom", "i": 0}, {"kind": "custom", "i": 1}])
 
 
@@ -244,11 +245,11 @@ def test_restore_lands_on_the_new_shardings(single, multi, clean_gin):
     """In process: the 2-process checkpoint restored onto an fsdp=4 x tensor=2 mesh."""
     from jax.sharding import PartitionSpec as P
 
-    from research.checkpointing import Checkpointer
+    from research.checkpoints.manager import Checkpointer
     from research.config import parse_gin
-    from research.model import TransformerConfig
-    from research.objectives import CausalLMObjective
-    from research.trainer import build_setup
+    from research.models.transformer import TransformerConfig
+    from research.objectives.causal_lm import CausalLMObjective
+    from research.training.loop import build_setup
 
     parse_gin(GIN_FILES, [])
     setup = build_setup(model_config=TransformerConfig(), objective=CausalLMObjective(),
@@ -280,7 +281,7 @@ def test_layout_bindings_may_change_on_resume_but_nothing_else(single, caplog):
                           "logical_axis_rules.preset = 'fsdp'")
     layout = layout.replace("remat_policy = 'none'", "remat_policy = 'full'")
     with caplog.at_level("WARNING"):
-        changed = reliability.check_resume_config(str(single), layout)
+        changed = workdir_lib.check_resume_config(str(single), layout)
     assert set(changed) == {"MESH_SHAPE", "logical_axis_rules.preset",
                             "TransformerConfig.remat_policy"}
     assert "with a different layout" in caplog.text
@@ -288,14 +289,14 @@ def test_layout_bindings_may_change_on_resume_but_nothing_else(single, caplog):
     assert "TransformerConfig.remat_policy: 'none' -> 'full'" in caplog.text
     # A real change next to a layout change is still refused, naming only the real one.
     lr = mesh.replace("LEARNING_RATE = 0.003", "LEARNING_RATE = 0.001")
-    with pytest.raises(reliability.ConfigMismatchError,
+    with pytest.raises(errors.ConfigMismatchError,
                        match="LEARNING_RATE: 0.003  ->  0.001") as err:
-        reliability.check_resume_config(str(single), lr)
+        workdir_lib.check_resume_config(str(single), lr)
     assert "MESH_SHAPE" not in str(err.value).split("Only TRAIN_STEPS")[0]
     # scan_layers changes the parameter tree, microbatches the math: not layout.
     for name, a, b in [("TransformerConfig.scan_layers", "False", "True"),
                        ("train.microbatches", "1", "2")]:
         assert f"{name} = {a}\n" in mesh
-        with pytest.raises(reliability.ConfigMismatchError, match=f"{name}: {a}  ->  {b}"):
-            reliability.check_resume_config(str(single),
+        with pytest.raises(errors.ConfigMismatchError, match=f"{name}: {a}  ->  {b}"):
+            workdir_lib.check_resume_config(str(single),
                                             mesh.replace(f"{name} = {a}\n", f"{name} = {b}\n"))

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.checkpointing import Checkpointer
-from research.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
+from research.checkpoints.manager import Checkpointer
+from research.training.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "rsqrt", "constant"])
@@ -69,7 +69,7 @@ def test_checkpointer_keeps_the_last_k(tmp_path):
 
 
 def test_layer_decay_and_freezing():
-    from research.optim import update_multipliers
+    from research.training.optim import update_multipliers
     params = {"encoder": {"token_embed": {"embedding": jnp.ones((4, 2))},
                           "layer_0": {"w": jnp.ones(2)}, "layer_1": {"w": jnp.ones(2)}},
               "classifier": {"kernel": jnp.ones((2, 2))}}

@@ -11,11 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from research import partitioning
-from research.model import CausalLM, TransformerConfig, TransformerStack
-from research.objectives import CausalLMObjective
-from research.optim import make_optimizer
-from research.trainer import build_setup, make_train_step
+from research.training import partitioning
+from research.models.transformer import CausalLM, TransformerConfig, TransformerStack
+from research.objectives.causal_lm import CausalLMObjective
+from research.training.optim import make_optimizer
+from research.training.loop import build_setup, make_train_step
 
 from .conftest import ROOT, causal_block_elements
 

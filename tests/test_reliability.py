@@ -16,7 +16,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from research import reliability
+from research import errors
+from research import workdir as workdir_lib
+from research.training import preemption
 from research.config import parse_gin
 
 from .conftest import ROOT
@@ -84,7 +86,7 @@ def checkpoint_steps(workdir):
 
 
 def restore_params(workdir, step):
-    from research.checkpointing import Checkpointer
+    from research.checkpoints.manager import Checkpointer
     c = Checkpointer(str(pathlib.Path(workdir, "checkpoints")), save_every=1, async_save=False)
     try:
         return c.manager.restore(step, args=ocp.args.Composite(
@@ -117,7 +119,7 @@ def test_sigterm_saves_and_resumes_exactly_and_the_workdir_is_locked(straight, t
                  what="the lock")
         second = run(args, check=False)  # same DIR while the first run holds it
         assert first.poll() is None, "the first run ended too early for the lock test"
-        assert second.returncode == 1
+        assert second.returncode == 2
         assert "in use by another training run" in second.stderr
         assert f"pid={first.pid}" in second.stderr and "pick a new --workdir" in second.stderr
 
@@ -190,7 +192,7 @@ def test_a_different_config_is_refused_before_any_compute(straight, tmp_path):
     before = (workdir / "config.gin").read_text()
     proc = run([*BASE_ARGS, *FAST, f"--gin.TRAIN_STEPS={STEPS}", "--gin.LEARNING_RATE=0.001",
                 f"--workdir={workdir}"], check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "LEARNING_RATE: 0.0006  ->  0.001" in proc.stderr, proc.stderr[-3000:]
     assert "Resume with the same command, or pick a new --workdir" in proc.stderr
     assert (workdir / "config.gin").read_text() == before
@@ -200,29 +202,29 @@ def test_a_different_config_is_refused_before_any_compute(straight, tmp_path):
 def test_resume_config_allows_cadence_and_length():
     old = "TRAIN_STEPS = 8\ntrain.log_every = 1\ntrain.seed = 0\nf.x = [1,\n    2]\n"
     ok = "TRAIN_STEPS = 9\ntrain.log_every = 5\ntrain.seed = 0\nf.x = [1, 2]\n"
-    assert reliability.parse_operative_config(old)["f.x"] == "[1, 2]"
+    assert workdir_lib.parse_operative_config(old)["f.x"] == "[1, 2]"
     d = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"reliability-{os.getpid()}"
     d.mkdir(exist_ok=True)
     try:
         (d / "config.gin").write_text(old)
-        reliability.check_resume_config(str(d), ok)
-        with pytest.raises(reliability.ConfigMismatchError, match=r"train.seed: 0  ->  1"):
-            reliability.check_resume_config(str(d), ok.replace("seed = 0", "seed = 1"))
+        workdir_lib.check_resume_config(str(d), ok)
+        with pytest.raises(errors.ConfigMismatchError, match=r"train.seed: 0  ->  1"):
+            workdir_lib.check_resume_config(str(d), ok.replace("seed = 0", "seed = 1"))
     finally:
         shutil.rmtree(d)
 
 
 def test_lock_names_the_holder(tmp_path):
-    with reliability.WorkdirLock(str(tmp_path)):
-        with pytest.raises(reliability.WorkdirLockedError, match=f"pid={os.getpid()}"):
-            reliability.WorkdirLock(str(tmp_path)).acquire()
-    with reliability.WorkdirLock(str(tmp_path)):  # released: free again
+    with workdir_lib.WorkdirLock(str(tmp_path)):
+        with pytest.raises(errors.WorkdirLockedError, match=f"pid={os.getpid()}"):
+            workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    with workdir_lib.WorkdirLock(str(tmp_path)):  # released: free again
         pass
 
 
 def test_preemption_guard_restores_handlers():
     before = signal.getsignal(signal.SIGTERM)
-    with reliability.PreemptionGuard() as guard:
+    with preemption.PreemptionGuard() as guard:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
         assert guard.requested and guard.signal_name == "SIGTERM"
@@ -249,12 +251,12 @@ def test_correct_macro_override_parses(clean_gin):
 
 
 def test_a_nonfinite_step_leaves_params_and_optimizer_unchanged():
-    from research import partitioning
+    from research.training import partitioning
     from research.data.causal_lm import make_causal_lm_iterator
     from research.data.sources import DocumentList
-    from research.model import TransformerConfig
-    from research.objectives import CausalLMObjective
-    from research.trainer import build_setup, make_train_step
+    from research.models.transformer import TransformerConfig
+    from research.objectives.causal_lm import CausalLMObjective
+    from research.training.loop import build_setup, make_train_step
 
     from .conftest import austen_paragraphs
     cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64,

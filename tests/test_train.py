@@ -14,12 +14,12 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from research import partitioning
+from research.training import partitioning
 from research.data.causal_lm import make_causal_lm_iterator
 from research.data.sources import DocumentList
-from research.model import TransformerConfig
-from research.objectives import CausalLMObjective
-from research.trainer import build_setup, make_train_step
+from research.models.transformer import TransformerConfig
+from research.objectives.causal_lm import CausalLMObjective
+from research.training.loop import build_setup, make_train_step
 
 from .conftest import ROOT, austen_paragraphs
 
@@ -81,7 +81,7 @@ def test_bad_batch_and_mesh_are_explained(sp_model):
         partitioning.resolve_mesh_shape({"data": 4, "fsdp": 4}, 8)
     assert partitioning.resolve_mesh_shape({"fsdp": -1, "tensor": 2}, 8) == {
         "data": 1, "fsdp": 4, "tensor": 2}
-    from research.trainer import _check_batch
+    from research.training.loop import _check_batch
     setup = build_setup(model_config=TINY, objective=CausalLMObjective(), vocab=sp_model,
                         seq_len=SEQ, batch_size=6, seed=0, mesh_shape={"data": 8},
                         learning_rate=1e-3, num_steps=1, warmup_steps=0)
@@ -153,7 +153,7 @@ def test_resume_reproduces_the_uninterrupted_run(trained_workdir, tmp_path):
         np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-6)
     assert "final" in proc.stdout
 
-    from research.checkpointing import Checkpointer
+    from research.checkpoints.manager import Checkpointer
     params = []
     for w in (trained_workdir, resumed):
         c = Checkpointer(str(w / "checkpoints"), save_every=1, async_save=False)
@@ -182,8 +182,9 @@ def test_train_help_lists_the_flags():
 _COMPILE_ON_3_AXIS_MESH = """
 from research.config import parse_gin
 import gin
-from research import benchmark, partitioning
-from research.trainer import build_setup, make_train_step, train
+from research import benchmark
+from research.training import partitioning
+from research.training.loop import build_setup, make_train_step, train
 parse_gin(["configs/models/{model}.gin", "configs/runs/{run}.gin"], ["BATCH_SIZE=8", "SEQ_LEN=64"])
 run = gin.get_bindings(train)
 setup = build_setup(model_config=run["model_config"], objective=run["objective"], vocab=run["vocab"],

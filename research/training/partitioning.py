@@ -2,7 +2,7 @@
 
 The mesh always has the three axes `data`, `fsdp`, `tensor` (size 1 where unused), so one
 set of rules serves every mesh shape. Rules map the model's logical axis names (see
-`research.model`) to mesh axes; three presets cover the usual layouts:
+`research.models.transformer`) to mesh axes; three presets cover the usual layouts:
 
   data_parallel: parameters replicated, batch split over data x fsdp.
   fsdp:          parameters (and optimizer state) split over `fsdp` along `embed`; batch over data x fsdp.

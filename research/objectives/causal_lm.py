@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research import losses
-from research.model import CausalLM, TransformerConfig
+from research.objectives import losses
+from research.models.transformer import CausalLM, TransformerConfig
 
 
 @gin.configurable

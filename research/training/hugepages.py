@@ -99,7 +99,7 @@ def anon_huge_bytes() -> int | None:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m research.hugepages`: says whether huge-page malloc is on for the entry points
+    """`python -m research.training.hugepages`: says whether huge-page malloc is on for the entry points
     and checks it by touching a 64 MiB malloc'd buffer."""
     import ctypes
     libc = ctypes.CDLL(None)
@@ -118,5 +118,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    reexec_module("research.hugepages")
+    reexec_module("research.training.hugepages")
     sys.exit(main(sys.argv[1:]))

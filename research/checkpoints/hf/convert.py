@@ -2,9 +2,9 @@
 
 Import (`convert_from_hf`): `DIR/config.json` + `DIR/model.safetensors` (or a sharded
 `model.safetensors.index.json`) become a directory that `INIT_CHECKPOINT`,
-`research.checkpointing.Checkpointer.restore_params` and `research.generate` read:
+`research.checkpoints.manager.Checkpointer.restore_params` and `research.generate` read:
 
-  OUT/checkpoints/0/params   Orbax, the layout research.checkpointing writes
+  OUT/checkpoints/0/params   Orbax, the layout research.checkpoints.manager writes
   OUT/model.gin              the matching `TransformerConfig.*` bindings
   OUT/run.json               {"model_config", "objective", "vocab", "source"}
 
@@ -12,11 +12,11 @@ Export (`convert_to_hf`): a training workdir (or a converted directory) becomes
 `config.json` + `model.safetensors` with Hugging Face key names.
 
 Parameter trees
-  BERT   (`model_type: bert`): `BertPretrainer` (research.bert): encoder/..., pooler/...,
+  BERT   (`model_type: bert`): `BertPretrainer` (research.models.bert): encoder/..., pooler/...,
          mlm_transform/..., mlm_norm/..., mlm_output_bias, nsp/... (the heads present in the
          HF file); a `BertForSequenceClassification` head becomes classifier/... as in
-         `research.classification.SequenceClassifier`.
-  GPT-2  (`model_type: gpt2`): `CausalLM` (research.model): decoder/..., lm_head/kernel when
+         `research.models.heads.SequenceClassifier`.
+  GPT-2  (`model_type: gpt2`): `CausalLM` (research.models.transformer): decoder/..., lm_head/kernel when
          the embeddings are not tied.
 
 Every tensor moves through a `Rule`: HF key <-> our slash path, an optional transpose
@@ -42,7 +42,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from research.model import TransformerConfig
+from research.models.transformer import TransformerConfig
 
 Flat = dict[str, np.ndarray]  # "encoder/layer_0/attention/query/kernel" -> array
 
@@ -706,7 +706,7 @@ def model_gin(cfg: TransformerConfig, header: str = "") -> str:
 
 
 def save_params(directory: str, params: Flat) -> None:
-    """Writes `directory/checkpoints/0/params` as research.checkpointing does (Orbax
+    """Writes `directory/checkpoints/0/params` as research.checkpoints.manager does (Orbax
     CheckpointManager, Composite item `params`, arrays on the host CPU)."""
     import jax
     import orbax.checkpoint as ocp
@@ -727,7 +727,7 @@ def load_params(checkpoint: str) -> tuple[TransformerConfig, Flat, dict]:
     import jax
     import orbax.checkpoint as ocp
 
-    from research import init_checkpoint
+    from research.checkpoints import init_from as init_checkpoint
     directory, step = init_checkpoint.resolve(checkpoint)
     info = init_checkpoint.run_info(checkpoint)
     if not info or "model_config" not in info:

@@ -1,7 +1,7 @@
 """One transformer stack for decoders (GPT) and encoders (BERT).
 
 Pure flax.linen: `init`/`apply`, no hidden state. Every parameter carries logical axis names
-(`research.partitioning` maps them onto the mesh) and every large activation is constrained
+(`research.training.partitioning` maps them onto the mesh) and every large activation is constrained
 with logical names too. The GPT decoder and the BERT encoder are the same `TransformerStack`;
 only `TransformerConfig.causal` (the attention mask) and the embedding extras differ.
 

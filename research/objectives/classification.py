@@ -1,17 +1,7 @@
-"""Sequence classification and regression heads for fine-tuning (encoder or decoder).
-
-Parameter names line up with the pretraining models so that a pretrained checkpoint restores
-into the shared part (`research.init_checkpoint`):
-
-  encoder (BERT): encoder/... + pooler/{kernel,bias} (tanh over [CLS]) + classifier/{kernel,bias}
-  decoder (GPT):  decoder/... + classifier/{kernel,bias} over the last non-pad token
-
-The head sees dropout (`head_dropout`) and starts from N(0, 0.02) weights and zero bias, as
-BERT fine-tuning does.
-"""
+"""Fine-tuning objective: sequence classification or regression on labelled examples, with
+the `research.models.heads.SequenceClassifier` head."""
 
 from __future__ import annotations
-
 
 import flax.linen as nn
 import gin
@@ -19,56 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.model import Dropout, TransformerConfig, TransformerStack
-
-TASKS = ("binary", "multiclass", "regression")
-
-
-def _normal(std: float, axes):
-    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
-
-
-def _zeros(axes):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
-class SequenceClassifier(nn.Module):
-    """Returns float32 [B, num_outputs] scores (logits, or the value for regression)."""
-
-    cfg: TransformerConfig
-    num_outputs: int
-    head_dropout: float = 0.1
-    head_init_std: float = 0.02
-
-    def setup(self):
-        cfg = self.cfg
-        dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
-        if cfg.causal:
-            self.decoder = TransformerStack(cfg, name="decoder")
-        else:
-            self.encoder = TransformerStack(cfg, name="encoder")
-            self.pooler = nn.Dense(cfg.d_model, kernel_init=_normal(cfg.init_std, ("mlp", "embed")),
-                                   bias_init=_zeros(("embed",)), name="pooler", **dense)
-        self.dropout = Dropout(self.head_dropout)
-        self.classifier = nn.Dense(self.num_outputs,
-                                   kernel_init=_normal(self.head_init_std, ("embed", "classes")),
-                                   bias_init=_zeros(("classes",)), name="classifier", **dense)
-
-    def __call__(self, input_ids, input_mask, token_type_ids, last_index, *,
-                 deterministic: bool = True):
-        """input_ids, input_mask (1 real / 0 pad), token_type_ids: int[B, L];
-        last_index: int[B], the last real token (decoder pooling)."""
-        segments = input_mask.astype(jnp.int32)
-        if self.cfg.causal:
-            hidden = self.decoder(input_ids, segment_ids=segments, deterministic=deterministic)
-            pooled = jnp.take_along_axis(hidden, last_index[:, None, None].astype(jnp.int32),
-                                         axis=1)[:, 0]
-        else:
-            hidden = self.encoder(input_ids, segment_ids=segments, token_type_ids=token_type_ids,
-                                  deterministic=deterministic)
-            pooled = jnp.tanh(self.pooler(hidden[:, 0]))
-        pooled = self.dropout(pooled, deterministic=deterministic)
-        return self.classifier(pooled).astype(jnp.float32)
+from research.models.heads import TASKS, SequenceClassifier
+from research.models.transformer import TransformerConfig
 
 
 @gin.configurable
@@ -185,7 +127,7 @@ class ClassificationObjective:
         return {"prediction": pred}
 
     def task_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        from research.metrics import task_metrics
+        from research.objectives.task_metrics import task_metrics
         return task_metrics(self.task, predictions, labels)
 
     def format_prediction(self, value: float) -> str:

@@ -59,7 +59,7 @@ def merge_data_states(states: list[Any], where: str = "the checkpoint") -> Any:
     process's `set_state` takes its own rows. Anything else is refused (ConfigMismatchError)."""
     import importlib
 
-    from research.reliability import ConfigMismatchError
+    from research.errors import ConfigMismatchError
     if all(s == states[0] for s in states):
         return states[0]
     kind = states[0].get("kind") if isinstance(states[0], dict) else None
@@ -147,7 +147,8 @@ class Checkpointer:
     def _save_failed(self, step: int | None, err: Exception) -> Exception:
         """Removes what the failed save of `step` left, and returns the error to raise: the
         reason, the intact earlier checkpoint, and what to do."""
-        from research.reliability import CheckpointSaveError, resume_command
+        from research.errors import CheckpointSaveError
+        from research.training.preemption import resume_command
         self._in_flight = None
         try:
             self.manager.wait_until_finished()  # let the save's other writers stop

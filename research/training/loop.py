@@ -23,13 +23,19 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from research import checkpointing, losses, partitioning, reliability
-from research import init_checkpoint as init_checkpoint_lib
+from research import errors
+from research import workdir as workdir_lib
+from research.training import preemption
+from research.training import run_config
+from research.checkpoints import manager as checkpointing
+from research.objectives import losses
+from research.training import partitioning
+from research.checkpoints import init_from as init_checkpoint_lib
 from research.data.sources import open_documents
 from research.data.tokenizer import load_tokenizer
-from research.metrics_writer import MetricsWriter
-from research.model import TransformerConfig
-from research.optim import make_optimizer
+from research.training.metrics_writer import MetricsWriter
+from research.models.transformer import TransformerConfig
+from research.training.optim import make_optimizer
 
 State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": key[]}
 
@@ -276,13 +282,13 @@ def train(workdir: str, *,
     MESH_SHAPE. `microbatches` splits each step's batch for gradient accumulation.
     Fine-tuning adds: `num_epochs` (used when num_steps is None), `warmup_fraction` (used
     when warmup_steps is None), `eval_every` None (once per epoch), `init_checkpoint` + `assignment_map` (see
-    research.init_checkpoint; vocab None = the pretraining run's), `best_metric` (e.g.
+    research.checkpoints.init_from; vocab None = the pretraining run's), `best_metric` (e.g.
     'eval/accuracy': the best parameters are kept in DIR/best) and `test_data`
     (predictions written to DIR/predictions.tsv). `eval_steps` None evaluates the whole set.
 
-    Reliability (see research/reliability.py): DIR is locked (DIR/.lock) while training; a DIR
+    Reliability (see research/workdir.py): DIR is locked (DIR/.lock) while training; a DIR
     with a config.gin only resumes with the same bindings, except layout-only ones (MESH_SHAPE,
-    axis rules, remat, attention kernel: reliability.LAYOUT_KEYS), and under any process count;
+    axis rules, remat, attention kernel: workdir_lib.LAYOUT_KEYS), and under any process count;
     SIGTERM/SIGINT save a checkpoint at the current step and return; DIR/final.json marks a
     finished run; a NaN/Inf loss or gradient stops the run naming the step
     (`on_nonfinite='stop'`) or skips that update (`'skip'`, counted as train/skipped_steps).
@@ -290,14 +296,14 @@ def train(workdir: str, *,
     if on_nonfinite not in NONFINITE_MODES:
         raise ValueError(f"train.on_nonfinite={on_nonfinite!r}: use one of {NONFINITE_MODES}.")
     kwargs = {k: v for k, v in locals().items() if k != "workdir"}
-    reliability.validate_train_args(kwargs)  # wrong types fail here, before any compute
+    run_config.validate_train_args(kwargs)  # wrong types fail here, before any compute
     os.makedirs(workdir, exist_ok=True)
-    with reliability.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
-            reliability.PreemptionGuard() as guard:
+    with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
+            preemption.PreemptionGuard() as guard:
         return _train(workdir, guard, **kwargs)
 
 
-def _train(workdir: str, guard: reliability.PreemptionGuard, *, model_config, objective,
+def _train(workdir: str, guard: preemption.PreemptionGuard, *, model_config, objective,
            train_data, eval_data, test_data, vocab, num_steps, num_epochs, batch_size, seq_len,
            learning_rate, warmup_steps, warmup_fraction, seed, mesh_shape, microbatches,
            init_checkpoint, assignment_map, best_metric, log_every, eval_every, eval_steps,
@@ -328,8 +334,8 @@ def _train(workdir: str, guard: reliability.PreemptionGuard, *, model_config, ob
     _check_batch(batch_size, setup.mesh, microbatches)
     # Before any compute: a DIR that holds a run only resumes that same run.
     operative_config = gin.operative_config_str()
-    reliability.check_resume_config(workdir, operative_config)
-    reliability.check_resume_tokenizer(workdir, setup.tokenizer)
+    workdir_lib.check_resume_config(workdir, operative_config)
+    workdir_lib.check_resume_tokenizer(workdir, setup.tokenizer)
     pid, nproc = jax.process_index(), jax.process_count()
     data_kwargs = dict(seq_len=seq_len, global_batch_size=batch_size, seed=seed,
                        process_index=pid, process_count=nproc)
@@ -417,7 +423,7 @@ def _train(workdir: str, guard: reliability.PreemptionGuard, *, model_config, ob
                 _check_finite(flags, t0_step, True, ckpt, workdir)
             try:
                 ckpt.save(done, state, train_iter.get_state(), force=force)
-            except reliability.CheckpointSaveError:  # disk full...: stop; earlier ones intact
+            except errors.CheckpointSaveError:  # disk full...: stop; earlier ones intact
                 bar.close()
                 train_iter.close()
                 writer.close()
@@ -432,13 +438,13 @@ def _train(workdir: str, guard: reliability.PreemptionGuard, *, model_config, ob
     train_iter.close()
     try:
         ckpt.close()  # an async save's failure surfaces here
-    except reliability.CheckpointSaveError:
+    except errors.CheckpointSaveError:
         writer.close()
         raise
     if preempted:
         msg = (f"stopped by {guard.signal_name} at step {done} of {num_steps}; checkpoint saved to "
                f"{os.path.join(ckpt.directory, str(done))}. Resume by re-running the same command "
-               f"(same --workdir): {reliability.resume_command()}")
+               f"(same --workdir): {preemption.resume_command()}")
         logging.warning(msg)
         if pid == 0:
             print(msg, flush=True)
@@ -476,7 +482,7 @@ def _write_final(workdir: str, step: int, num_steps: int, last: dict[str, float]
     os.replace(path + ".tmp", path)
 
 
-def _preemption_requested(guard: reliability.PreemptionGuard, log_now: bool, nproc: int) -> bool:
+def _preemption_requested(guard: preemption.PreemptionGuard, log_now: bool, nproc: int) -> bool:
     """Whether to stop after this step. With several processes they must agree (the save is
     collective), so the signal is only acted on at log steps, where they compare flags."""
     if nproc == 1:
@@ -498,7 +504,7 @@ def _check_finite(flags: list[float], first_step: int, stop: bool,
     good = ckpt.latest_step()
     where = (f"the last good checkpoint is step {good} ({os.path.join(ckpt.directory, str(good))})"
              if good is not None else "there is no checkpoint yet")
-    raise reliability.NonFiniteError(
+    raise errors.NonFiniteError(
         f"non-finite loss or gradient (NaN/Inf) at step {bad[0]} in {workdir}; that update was "
         f"not applied and {where}. Either re-run the same command with "
         "--gin.train.on_nonfinite=\"'skip'\" (resumes from that checkpoint and skips such "
@@ -546,7 +552,7 @@ def _write_run_files(workdir: str, setup: Setup, *, vocab: str, seq_len: int) ->
         f.write(gin.operative_config_str())
     info = {"model_config": dataclasses.asdict(setup.cfg), "objective": setup.objective.name,
             "vocab": os.path.abspath(vocab), "seq_len": seq_len,
-            "tokenizer": reliability.tokenizer_fingerprint(setup.tokenizer)}
+            "tokenizer": workdir_lib.tokenizer_fingerprint(setup.tokenizer)}
     with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
 

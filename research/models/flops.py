@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from research.model import TransformerConfig
+from research.models.transformer import TransformerConfig
 
 
 def _layer_matmul_flops_per_token(cfg: TransformerConfig) -> int:
