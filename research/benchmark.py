@@ -9,13 +9,15 @@ Builds the run exactly as `python -m research.train` would (same gin files and b
 in the objective's batch shapes instead of reading data. Compiles (timed), warms up, then
 times `--steps` steps, blocking on each. Prints step time (the median over the timed steps, so
 one step slowed by a noisy neighbour does not decide the result; mean, min and every step time
-are in the JSON; the peer is timed the same way), tokens/s (total and per device),
-model FLOPs per step (`research.models.flops`), MFU against the device's peak, peak memory and the
-compile time; the last line is one JSON object with these numbers.
+are in the JSON; the peer is timed the same way), tokens/s (total and per device), model
+FLOPs per step (`Objective.training_flops`, research/models/flops.py), MFU against the
+device's peak, peak memory and the compile time; the last line is one JSON object with these
+numbers.
 
 Like research.train it re-executes itself once with huge-page malloc on Linux
-(research/hugepages.py; RESEARCH_HUGEPAGES=0 turns it off); the JSON says which
-(`host_malloc_hugepages`).
+(research/training/hugepages.py; RESEARCH_HUGEPAGES=0 turns it off); the JSON says which
+(`host_malloc_hugepages`). So that this happens before JAX is loaded, JAX, torch and the
+research modules that import JAX are imported inside the functions that use them.
 
 MFU peak: the bf16 dense matmul peak of the accelerator (table below) on TPU/GPU; on CPU a
 matmul peak measured in the same run with a large `jnp.dot` in the model's compute dtype
@@ -38,11 +40,15 @@ import os
 import resource
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
+import gin
 import numpy as np
 
+from research import cli, logs
+from research.errors import ConfigError
 from research.config import parse_gin, split_gin_bindings
+from research.training import hugepages
 
 # Dense bf16 matmul peaks (FLOP/s per device), by substrings of jax's `device_kind`.
 PEAK_BF16_FLOPS = (
@@ -121,11 +127,10 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int) -> dict:
     """Builds the run as research.train does, times its train step on synthetic batches."""
     import jax
 
-    from research.models import flops
-    from research.training import hugepages
-    from research.training import partitioning
     from research.models.transformer import count_params
-    from research.training.loop import build_setup, make_train_step
+    from research.training import partitioning
+    from research.training.setup import build_setup
+    from research.training.steps import make_train_step
 
     batch_size, seq_len = run["batch_size"], run["seq_len"]
     num_steps = run.get("num_steps") or 1000
@@ -163,7 +168,7 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int) -> dict:
     peak, peak_source = device_peak_flops(device, cfg.dtype)
     peak = max(peak, peak_before)
     step_time = float(np.median(times))
-    model_flops = flops.objective_training_flops(setup.objective, cfg, batch_size, seq_len)
+    model_flops = setup.objective.training_flops(cfg, batch_size, seq_len)
     memory, memory_source = peak_memory_bytes(device)
     tokens = batch_size * seq_len
     return {
@@ -187,51 +192,70 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int) -> dict:
     }
 
 
+def _gpt2_peer(transformers, cfg, objective, ids, act: str, rng) -> tuple[Any, dict, str]:
+    """HF GPT2LMHeadModel with the shapes of `cfg` (causal LM); (model, inputs, name)."""
+    del objective, rng
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=max(cfg.max_len, ids.shape[1]), n_embd=cfg.d_model,
+        n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.mlp_dim,
+        activation_function=act, resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate,
+        attn_pdrop=cfg.attention_dropout_rate, layer_norm_epsilon=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(hf_cfg), {"input_ids": ids, "labels": ids}, "GPT2LMHeadModel"
+
+
+def _bert_peer(transformers, cfg, objective, ids, act: str, rng) -> tuple[Any, dict, str]:
+    """HF BertForPreTraining with the shapes of `cfg`, MLM labels at P random positions per
+    row and random NSP labels; (model, inputs, name)."""
+    import torch
+    batch_size, seq_len = ids.shape
+    hf_cfg = transformers.BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim, hidden_act=act,
+        hidden_dropout_prob=cfg.dropout_rate,
+        attention_probs_dropout_prob=cfg.attention_dropout_rate,
+        max_position_embeddings=max(cfg.max_len, seq_len),
+        type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings)
+    model = transformers.BertForPreTraining(hf_cfg)
+    p = objective.max_predictions_per_seq
+    labels = torch.full((batch_size, seq_len), -100, dtype=torch.int64)
+    for row in range(batch_size):
+        pos = rng.choice(np.arange(1, seq_len), size=min(p, seq_len - 1), replace=False)
+        labels[row, pos] = ids[row, pos]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "token_type_ids": torch.ones_like(ids), "labels": labels,
+              "next_sentence_label": torch.from_numpy(rng.integers(0, 2, batch_size))}
+    return model, inputs, "BertForPreTraining"
+
+
+def hf_peers() -> dict[type, Callable]:
+    """{objective class: builder of its Hugging Face PyTorch peer}."""
+    from research.objectives.bert_pretraining import BertPretrainingObjective
+    from research.objectives.causal_lm import CausalLMObjective
+    return {CausalLMObjective: _gpt2_peer, BertPretrainingObjective: _bert_peer}
+
+
 def run_hf_torch(cfg, objective, batch_size: int, seq_len: int, steps: int, warmup: int,
                  learning_rate: float, seed: int = 0) -> dict:
     """The same shapes through HF transformers' PyTorch model with an AdamW step."""
     import torch
     import transformers
 
+    peers = hf_peers()
+    build = peers.get(type(objective))
+    if build is None:
+        raise ConfigError(f"--compare=hf_torch supports {', '.join(c.__name__ for c in peers)}, "
+                          f"not {type(objective).__name__}; drop --compare for this run.")
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(seed)
     act = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}.get(cfg.activation)
     if act is None:
-        raise SystemExit(f"--compare=hf_torch: no HF equivalent of activation {cfg.activation!r}")
+        raise ConfigError(f"--compare=hf_torch: no HF equivalent of activation {cfg.activation!r}; "
+                          "drop --compare for this model.")
     rng = np.random.default_rng(seed)
     ids = torch.from_numpy(rng.integers(0, cfg.vocab_size, (batch_size, seq_len)).astype(np.int64))
-    if objective.name == "causal_lm":
-        hf_cfg = transformers.GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=max(cfg.max_len, seq_len), n_embd=cfg.d_model,
-            n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.mlp_dim,
-            activation_function=act, resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate,
-            attn_pdrop=cfg.attention_dropout_rate, layer_norm_epsilon=cfg.norm_eps,
-            tie_word_embeddings=cfg.tie_embeddings, bos_token_id=0, eos_token_id=0)
-        model = transformers.GPT2LMHeadModel(hf_cfg)
-        inputs = {"input_ids": ids, "labels": ids}
-        name = "GPT2LMHeadModel"
-    elif objective.name == "bert_pretraining":
-        hf_cfg = transformers.BertConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim, hidden_act=act,
-            hidden_dropout_prob=cfg.dropout_rate,
-            attention_probs_dropout_prob=cfg.attention_dropout_rate,
-            max_position_embeddings=max(cfg.max_len, seq_len),
-            type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.norm_eps,
-            tie_word_embeddings=cfg.tie_embeddings)
-        model = transformers.BertForPreTraining(hf_cfg)
-        p = objective.max_predictions_per_seq
-        labels = torch.full((batch_size, seq_len), -100, dtype=torch.int64)
-        for row in range(batch_size):
-            pos = rng.choice(np.arange(1, seq_len), size=min(p, seq_len - 1), replace=False)
-            labels[row, pos] = ids[row, pos]
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                  "token_type_ids": torch.ones_like(ids), "labels": labels,
-                  "next_sentence_label": torch.from_numpy(rng.integers(0, 2, batch_size))}
-        name = "BertForPreTraining"
-    else:
-        raise SystemExit(f"--compare=hf_torch supports causal_lm and bert_pretraining, not "
-                         f"{objective.name!r}")
+    model, inputs, name = build(transformers, cfg, objective, ids, act, rng)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model = model.to(dtype).train()
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
@@ -287,10 +311,12 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
+    logs.setup()
     bindings, rest = split_gin_bindings(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m research.benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m research.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gin_file", action="append", default=[],
                         help="gin config file (repeatable; model config then run config)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
@@ -302,14 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.gin_file:
         parser.error("pass --gin_file (a model config, then a run config)")
     parse_gin(args.gin_file, bindings)
-    import gin
-
-    from research.training.loop import train
-    run = gin.get_bindings(train)
+    from research.training.run_config import RunConfig
+    run = gin.get_bindings(RunConfig)
     missing = [k for k in ("model_config", "objective", "vocab", "batch_size", "seq_len",
                            "learning_rate") if run.get(k) is None]
     if missing:
-        raise SystemExit(f"error: the gin files bind no train.{', train.'.join(missing)}")
+        raise ConfigError(f"the gin files bind no train.{', train.'.join(missing)}; pass a model "
+                          "config then a run config (configs/models/*.gin, configs/runs/*.gin).")
 
     result = run_ours(run, args.steps, args.warmup, args.seed)
     cfg, objective = result.pop("_cfg"), result.pop("_objective")
@@ -347,6 +372,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from research.training import hugepages
     hugepages.reexec_module("research.benchmark")
     sys.exit(main())

@@ -5,7 +5,7 @@ attention, and their message names the culprit and the fix:
 
   UserError (exit 2)          a mistake in the user's input: config, flags, paths, data,
     ConfigError                 tokenizer, checkpoint or workdir
-    InvalidConfigError        a train() argument (run-config macro) of the wrong type or range
+    InvalidConfigError        a run-config field (train.*, e.g. a macro) of the wrong type or range
     WorkdirLockedError        the --workdir is in use by another run
     ConfigMismatchError       the --workdir holds a different run
   RunStoppedError (exit 1)    a run stopped to protect its work
@@ -27,7 +27,7 @@ class ConfigError(UserError, ValueError):
 
 
 class InvalidConfigError(ConfigError, TypeError):
-    """A train() argument (run-config macro) has the wrong type or range."""
+    """A run-config field (train.*, e.g. a macro) has the wrong type or range."""
 
 
 class WorkdirLockedError(UserError):

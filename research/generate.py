@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 from typing import Sequence
@@ -22,14 +21,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research import cli, logs
+from research import workdir as workdir_lib
+from research.checkpoints.manager import Checkpointer
+from research.data.tokenizer import load_tokenizer
+from research.errors import ConfigError
 from research.models.transformer import CausalLM, TransformerConfig
+
+NOT_A_RUN = "--workdir must be a directory written by python -m research.train"
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns tokens int32[B, P] and segment ids int32[B, P] (1 = prompt token, 0 = padding)."""
     if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (the tokenizer's BOS is prepended "
-                         "by the CLI, so pass text).")
+        raise ConfigError("every prompt needs at least one token (the tokenizer's BOS is "
+                          "prepended by the CLI, so pass text).")
     width = max(len(p) for p in prompts)
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     segments = np.zeros((len(prompts), width), np.int32)
@@ -121,8 +127,9 @@ def generate(model: CausalLM, params, prompts: Sequence[Sequence[int]], *, max_n
     tokens, segments = left_pad(prompts, pad_id)
     limit = model.cfg.max_len
     if tokens.shape[1] + max_new_tokens > limit:
-        raise ValueError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the model's max_len {limit}; shorten one of them.")
+        raise ConfigError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens "
+                          f"({max_new_tokens}) exceeds the model's max_len {limit}; shorten one "
+                          "of them.")
     out = _generate(model, params, jnp.asarray(tokens), jnp.asarray(segments),
                     jax.random.key(seed), max_new_tokens=max_new_tokens,
                     temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
@@ -134,36 +141,44 @@ def generate(model: CausalLM, params, prompts: Sequence[Sequence[int]], *, max_n
 
 
 def load_for_generation(workdir: str, step: int | None = None):
-    """(model, params, tokenizer) from a training workdir's run.json and latest checkpoint."""
-    from research.checkpoints.manager import Checkpointer
-    from research.data.tokenizer import load_tokenizer
-
-    info_path = os.path.join(workdir, "run.json")
-    if not os.path.exists(info_path):
-        raise FileNotFoundError(f"{info_path} not found: --workdir must be a directory written by "
-                                "python -m research.train.")
-    with open(info_path, encoding="utf-8") as f:
-        info = json.load(f)
-    if info["objective"] != "causal_lm":
-        raise ValueError(f"{workdir} holds a {info['objective']!r} model; generation needs an "
-                         "autoregressive (causal_lm) checkpoint.")
-    cfg = TransformerConfig(**info["model_config"])
-    model = CausalLM(cfg)
+    """(model, params, tokenizer) from a training workdir's run.json and latest checkpoint (or
+    `step`). ConfigError, before anything is written, if DIR is not a causal-LM run with that
+    checkpoint."""
+    info = workdir_lib.read_run_info(workdir)
+    if info is None:
+        problem = "does not exist" if not os.path.isdir(workdir) else "has no readable run.json"
+        raise ConfigError(f"--workdir={workdir} {problem}; {NOT_A_RUN} (it writes run.json "
+                          "when training starts).")
+    if info.get("objective") != "causal_lm":
+        raise ConfigError(f"--workdir={workdir} holds a {info.get('objective')!r} model; "
+                          "generation needs an autoregressive (causal_lm) checkpoint.")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints):  # Checkpointer would create it
+        raise ConfigError(f"--workdir={workdir} has no checkpoints/ yet; train it until a "
+                          "checkpoint is saved (train.checkpoint_every), or pick another run.")
+    tokenizer = load_tokenizer(info["vocab"])
+    model = CausalLM(TransformerConfig(**info["model_config"]))
     abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
                                                           jnp.zeros((1, 1), jnp.int32))["params"]))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, async_save=False)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints yet.")
-    params = ckpt.restore_params(step, abstract)
-    ckpt.close()
-    return model, params, load_tokenizer(info["vocab"])
+    ckpt = Checkpointer(checkpoints, save_every=1, async_save=False)
+    try:
+        steps = ckpt.all_steps()
+        if not steps or (step is not None and step not in steps):
+            wanted = f"no checkpoint at --step={step}" if steps else "no checkpoint"
+            raise ConfigError(f"--workdir={workdir} has {wanted} (saved steps: "
+                              f"{steps or 'none yet'}); pass one of them or leave --step out "
+                              "for the latest.")
+        params = ckpt.restore_params(step, abstract)
+    finally:
+        ckpt.close()
+    return model, params, tokenizer
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m research.generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = cli.ArgumentParser(prog="python -m research.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a causal-LM training workdir")
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text (repeat for a batch of prompts)")
@@ -174,6 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max_new_tokens={args.max_new_tokens} must be at least 1")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        parser.error("--temperature and --top_k must be >= 0 and --top_p in (0, 1]")
+    return args
+
+
+@cli.entry_point
+def main(argv: list[str] | None = None) -> int:
+    logs.setup()
+    args = parse_args(argv)
     model, params, tok = load_for_generation(args.workdir, args.step)
     prompts = [[tok.bos_id] + tok.encode(p) for p in args.prompt]
     rows = generate(model, params, prompts, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,

@@ -10,7 +10,9 @@ Example:
 
 Writes DIR/config.gin (operative config), DIR/run.json, DIR/metrics.jsonl, DIR/checkpoints/
 (Orbax) and DIR/tensorboard/. SIGTERM/SIGINT save a checkpoint and exit 0 (re-run to resume);
-a second run on a DIR in use, or with a different config, is refused (exit 1).
+a second run on a DIR in use, or with a different config, is refused. A mistake in the input
+(config, flags, data, tokenizer, checkpoint, workdir) ends with one `error:` line and exit
+code 2; a run stopped to protect its work (NaN/Inf loss, failed checkpoint save) with exit 1.
 
 On Linux the process re-executes itself once with huge-page malloc
 (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; ~1.6x faster CPU steps); RESEARCH_HUGEPAGES=0 turns
@@ -20,17 +22,19 @@ that off (research/hugepages.py).
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 
+from research import cli, logs
+from research import workdir as workdir_lib
 from research.config import (add_common_flags, check_required, initialize_distributed, parse_gin,
                              split_gin_bindings)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
+    logs.setup()
     bindings, rest = split_gin_bindings(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m research.train", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Override any gin binding or macro with --gin.NAME=VALUE (VALUE a gin literal, "
@@ -39,36 +43,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="run directory: config.gin, metrics.jsonl, checkpoints/, tensorboard/")
     add_common_flags(parser)
     args = parser.parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("absl", "orbax", "jax", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.check_output_dir(args.workdir, "--workdir")
     initialize_distributed(args)
-    from research.training.loop import train
-    try:
-        parse_gin(args.gin_file, bindings)
-        check_required(train, "train", args.gin_file, bindings)  # before any compute
-    except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
+    # Imported after jax.distributed.initialize, and not at the top: `__main__` re-executes
+    # the process (huge-page malloc) before main runs, so top-level jax imports would run twice.
     import jax
 
-    from research.errors import EXPECTED
-    from research.gin_checks import explain_required_runtime
-
-    try:
-        metrics = train(args.workdir)
-    except EXPECTED as err:  # refused or stopped to protect the run: no traceback needed
-        text = str(err).split("\n  In call to configurable")[0]  # gin's note: noise here
-        logging.error("%s", text)
-        print(f"error: {text}", file=sys.stderr, flush=True)
-        return err.exit_code
-    except RuntimeError as err:  # gin: a REQUIRED parameter unbound (check_required missed it)
-        better = explain_required_runtime(err)
-        if better is None:
-            raise
-        print(f"error: {better}", file=sys.stderr, flush=True)
-        return 2
-    if jax.process_index() == 0:
-        print(json.dumps({"final": metrics}))
+    from research.training.loop import train
+    from research.training.run_config import RunConfig
+    parse_gin(args.gin_file, bindings)
+    check_required(RunConfig, "train", args.gin_file, bindings)  # before any compute
+    metrics = train(args.workdir)
+    if jax.process_index() == 0 and metrics:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                          if k.endswith(("loss", "accuracy", "perplexity", "f1")))
+        print(f"final: {shown} ({workdir_lib.path(args.workdir, workdir_lib.METRICS_FILE)})")
     return 0
 
 

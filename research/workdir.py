@@ -83,6 +83,11 @@ def read_final(workdir: str) -> dict[str, Any] | None:
     return read_json(path(workdir, FINAL_FILE))
 
 
+def is_finished(workdir: str) -> bool:
+    """Whether the run in DIR completed (DIR/final.json exists)."""
+    return os.path.exists(path(workdir, FINAL_FILE))
+
+
 def read_metrics(workdir_or_file: str) -> list[dict[str, Any]]:
     """The records of DIR/metrics.jsonl (or of that file itself) in order; a line cut short by
     a crash, or without a step, is skipped. [] if there is no file."""
@@ -161,6 +166,25 @@ class WorkdirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_held(workdir: str) -> bool:
+    """Whether a process (on any host sharing the filesystem) holds DIR/.lock, i.e. a run
+    trains in DIR now. Only probes: a probe could race a trainer taking the lock, so ask only
+    about a DIR whose trainer is not known to be starting."""
+    import fcntl
+    try:
+        fd = os.open(path(workdir, LOCK_FILE), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 # Bindings a resumed run may change: run length and cadences that do not alter the math.

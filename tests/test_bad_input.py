@@ -4,6 +4,7 @@ checkpoint save (the previous checkpoint stays intact and restorable)."""
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,20 +12,20 @@ import gin
 import jax
 import numpy as np
 import pytest
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from research import errors
+from research.checkpoints.manager import TMP_MARKER, Checkpointer
+from research.data.tokenizer import train_sentencepiece
+from research.models.transformer import TransformerConfig
+from research.objectives.causal_lm import CausalLMObjective
+from research.training.loop import train
+from research.training.setup import build_setup
 
-from .conftest import ROOT
+from .conftest import ROOT, austen_paragraphs
+from .test_error_path import assert_one_line_error, train_cli
 
-MODEL = "--gin_file=configs/models/gpt_tiny.gin"
 RUN = ROOT / "configs/runs/pretrain_causal.gin"
-
-
-def cli(args, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "research.train", MODEL, *args,
-                           f"--workdir={tmp_path / 'run'}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
 
 
 def run_config_without(tmp_path, *prefixes):
@@ -34,29 +35,19 @@ def run_config_without(tmp_path, *prefixes):
     return f"--gin_file={path}"
 
 
-def assert_one_line_error(proc, *expected):
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for text in expected:
-        assert text in errors[0], errors[0]
-    return errors[0]
-
-
 @pytest.mark.parametrize("case", ["macro undefined", "macro REQUIRED", "binding missing"])
 def test_missing_required_value_names_the_binding_and_macro(tmp_path, case):
     if case == "macro undefined":  # a run config without VOCAB (train.vocab = %VOCAB stays)
-        proc = cli([run_config_without(tmp_path, "VOCAB", "TRAIN_DATA")], tmp_path)
+        proc = train_cli([run_config_without(tmp_path, "VOCAB", "TRAIN_DATA")], tmp_path)
         line = assert_one_line_error(
             proc, "train.vocab is required: set VOCAB in the run config or pass "
                   "--gin.VOCAB=\"'path.model'\"", "train.train_data is required: set TRAIN_DATA")
     elif case == "macro REQUIRED":
-        proc = cli([f"--gin_file={RUN}", "--gin.VOCAB=%gin.REQUIRED"], tmp_path)
+        proc = train_cli([f"--gin_file={RUN}", "--gin.VOCAB=%gin.REQUIRED"], tmp_path)
         line = assert_one_line_error(proc, "train.vocab is required: set VOCAB",
                                      "--gin.VOCAB=\"'path.model'\"")
     else:  # no train.vocab binding at all
-        proc = cli([run_config_without(tmp_path, "VOCAB", "train.vocab")], tmp_path)
+        proc = train_cli([run_config_without(tmp_path, "VOCAB", "train.vocab")], tmp_path)
         line = assert_one_line_error(proc, "train.vocab is required",
                                      "--gin.train.vocab=\"'path.model'\"")
     assert "config string" not in line  # not gin's dump of the whole config
@@ -64,8 +55,6 @@ def test_missing_required_value_names_the_binding_and_macro(tmp_path, case):
 
 
 def _tiny_kwargs():
-    from research.models.transformer import TransformerConfig
-    from research.objectives.causal_lm import CausalLMObjective
     return dict(model_config=TransformerConfig(num_layers=1, d_model=32, num_heads=4,
                                                mlp_dim=64, max_len=64),
                 objective=CausalLMObjective(), train_data="text:data/austen/persuasion.txt",
@@ -85,7 +74,6 @@ def _tiny_kwargs():
     ("eval_data", ["a.txt"], "EVAL_DATA (train.eval_data) = ['a.txt'] (list) must be a string"),
 ])
 def test_wrong_types_for_train_fail_before_compute(tmp_path, param, value, expected):
-    from research.training.loop import train
     gin.clear_config()
     workdir = tmp_path / "run"
     with pytest.raises(errors.InvalidConfigError) as info:
@@ -96,7 +84,8 @@ def test_wrong_types_for_train_fail_before_compute(tmp_path, param, value, expec
 
 
 def test_wrong_type_through_the_cli(tmp_path):
-    proc = cli([f"--gin_file={RUN}", "--gin.BATCH_SIZE='8'", "--gin.LEARNING_RATE=-1.0"], tmp_path)
+    proc = train_cli([f"--gin_file={RUN}", "--gin.BATCH_SIZE='8'", "--gin.LEARNING_RATE=-1.0"],
+                     tmp_path)
     assert_one_line_error(proc, "BATCH_SIZE (train.batch_size) = '8' (str) must be a positive int",
                           "LEARNING_RATE (train.learning_rate) = -1.0 (float) must be a positive",
                           "--gin.BATCH_SIZE=16")
@@ -105,9 +94,6 @@ def test_wrong_type_through_the_cli(tmp_path):
 
 @pytest.fixture(scope="module")
 def setup():
-    from research.models.transformer import TransformerConfig
-    from research.objectives.causal_lm import CausalLMObjective
-    from research.training.loop import build_setup
     cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=4, mlp_dim=64, max_len=64,
                             vocab_multiple=8)
     return build_setup(model_config=cfg, objective=CausalLMObjective(),
@@ -119,9 +105,6 @@ def setup():
 @pytest.mark.parametrize("async_save", [False, True])
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, setup,
                                                              async_save):
-    from orbax.checkpoint._src.handlers import json_checkpoint_handler
-
-    from research.checkpoints.manager import TMP_MARKER, Checkpointer
     directory = tmp_path / "checkpoints"
     state = setup.init_state()
     saved = jax.tree.map(np.asarray, state["params"])
@@ -164,11 +147,6 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
 def test_resume_refuses_a_tokenizer_replaced_at_the_same_path(tmp_path, sp_model):
     """DIR/run.json records the tokenizer's size and special ids; resuming with a different
     .model at the same VOCAB path is refused before any compute, naming what changed."""
-    import shutil
-
-    from research.data.tokenizer import train_sentencepiece
-    from .conftest import austen_paragraphs
-
     vocab = tmp_path / "vocab.model"
     shutil.copy(sp_model, vocab)
     workdir = tmp_path / "run"

@@ -37,7 +37,7 @@ def test_flops_hand_count():
     bert = 3 * per_token_layer + attention + 2 * (2 * 4 * 4 + 2 * 4 * 10) + 2 * 4 * 4 + 2 * 4 * 2
     assert flops.forward_flops(enc, 1, 3, mlm_predictions=2, next_sentence=True) == bert
     obj = BertPretrainingObjective(max_predictions_per_seq=2, next_sentence=True)
-    assert flops.objective_training_flops(obj, enc, 1, 3) == 3 * bert
+    assert obj.training_flops(enc, 1, 3) == 3 * bert
     # GQA (K=1 kv head) and a gated MLP.
     gqa = dataclasses.replace(cfg, num_kv_heads=1, activation="swiglu")
     assert flops.forward_flops(gqa, 1, 3) == 3 * (2 * (16 + 2 * 4 * 2 + 16) + 2 * 3 * 32) + 72 + 240
@@ -72,8 +72,8 @@ def test_flops_match_xla_cost_analysis(kind):
         cost = jax.jit(jax.value_and_grad(loss)).lower(params, batch).compile().cost_analysis()
         if isinstance(cost, (list, tuple)):
             cost = cost[0]
-        full = flops.objective_training_flops(obj, cfg, b, t, causal_half=False)
-        attention = 2 * (full - flops.objective_training_flops(obj, cfg, b, t))  # 0 for BERT
+        full = obj.training_flops(cfg, b, t, causal_half=False)
+        attention = 2 * (full - obj.training_flops(cfg, b, t))  # 0 for BERT
         computed = causal_block_elements(t, blocks) / t ** 2
         ours = full - attention + attention * computed
         assert 1.0 <= cost["flops"] / ours <= 1.10, (blocks, cost["flops"], ours)
@@ -133,7 +133,7 @@ def test_cpu_mfu_uses_the_higher_of_two_peak_measurements(monkeypatch):
 
     from research import benchmark
     from research.config import parse_gin
-    from research.training.loop import train
+    from research.training.run_config import RunConfig
 
     measured = iter([1.0e9, 3.0e9])  # before, after
     monkeypatch.setattr(benchmark, "measure_matmul_peak", lambda dtype, **_: next(measured))
@@ -141,7 +141,7 @@ def test_cpu_mfu_uses_the_higher_of_two_peak_measurements(monkeypatch):
     try:
         parse_gin(["configs/models/gpt_tiny.gin", "configs/runs/pretrain_causal.gin"],
                   ["BATCH_SIZE=8", "SEQ_LEN=16", "MESH_SHAPE={'data': -1}"])
-        result = benchmark.run_ours(gin.get_bindings(train), steps=1, warmup=0, seed=0)
+        result = benchmark.run_ours(gin.get_bindings(RunConfig), steps=1, warmup=0, seed=0)
     finally:
         gin.clear_config()
     assert result["peak_flops_per_device"] == 3.0e9

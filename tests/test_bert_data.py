@@ -12,6 +12,7 @@ from research.data import masking
 from research.data.bert_pretraining import (
     FEATURES, make_bert_pretraining_iterator, split_sentences)
 from research.data.tokenizer import Tokenizer
+from research.errors import ConfigError
 from tests.conftest import austen_paragraphs
 
 P_MIN = 1e-3  # significance floor for the statistical checks
@@ -406,7 +407,7 @@ def test_resume_equals_uninterrupted(paragraphs, tok):
     half.set_state(state)
     got = _take(half, 6)
     assert all(np.array_equal(g[k], e[k][4:]) for g, e in zip(got, expected) for k in g)
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ConfigError, match="seed"):
         _it(paragraphs, tok, seed=5, **kw).set_state(state)
 
 
@@ -480,11 +481,11 @@ def test_mlm_only_packs_full_segments(paragraphs, tok, corpus):
 
 
 def test_iterator_errors(paragraphs, tok):
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ConfigError, match="divisible"):
         _it(paragraphs, tok, process_count=3)
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(ConfigError, match="seq_len"):
         _it(paragraphs, tok, seq_len=4)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ConfigError, match="empty"):
         _it([], tok)
-    with pytest.raises(ValueError, match="without one training instance"):
+    with pytest.raises(ConfigError, match="without one training instance"):
         next(_it(["", " "], tok))

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from research.data.causal_lm import make_causal_lm_iterator, make_causal_lm_iterator_from_spec
+from research.data.order import EpochOrder
 from research.data.sources import DocumentList
+from research.data.tokenizer import load_tokenizer
+from research.errors import ConfigError
+from tests.conftest import austen_paragraphs
 
 BOS, EOS, PAD = 2, 3, 0
 FIRST_ID = 10_000  # each synthetic document starts with token FIRST_ID + its index
@@ -95,6 +99,24 @@ def make(docs, **kw):
     kw.setdefault("seed", 0)
     kw.setdefault("prefetch", 0)
     return make_causal_lm_iterator(docs, WordTokenizer(), **kw)
+
+
+# ------------------------------------------------------------------------ epoch order
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_epoch_order_is_the_documented_order(shuffle):
+    """`EpochOrder` (shared by the causal-LM, BERT and classification iterators) is the
+    documented order, one item at a time and vectorised."""
+    n, seed, epochs = 7, 3, 5
+    order = EpochOrder(n, seed, shuffle)
+    expected = doc_order(n, seed, shuffle, epochs)
+    assert [order.locate(g) for g in range(n * epochs)] == [
+        (g // n, expected[g]) for g in range(n * epochs)]
+    positions = np.array([[34, 0, 8], [13, 21, 6]])
+    got_epochs, got_items = order.locate_many(positions)
+    assert got_epochs.shape == got_items.shape == positions.shape
+    assert got_epochs.tolist() == (positions // n).tolist()
+    assert got_items.tolist() == [[expected[g] for g in row] for row in positions.tolist()]
 
 
 # --------------------------------------------------------------------- packing semantics
@@ -196,7 +218,7 @@ def test_hosts_read_disjoint_documents():
 
 
 def test_batch_not_divisible_by_process_count():
-    with pytest.raises(ValueError, match="not divisible by process_count=3"):
+    with pytest.raises(ConfigError, match="not divisible by process_count=3"):
         make(synthetic_docs(5), seq_len=8, global_batch_size=8, process_count=3)
 
 
@@ -232,9 +254,9 @@ def test_set_state_validates():
     for kw, field in [(dict(seed=1), "seed"), (dict(seq_len=9), "seq_len"),
                       (dict(global_batch_size=2), "global_batch_size")]:
         other = make(docs, **{**dict(seq_len=8, global_batch_size=4), **kw})
-        with pytest.raises(ValueError, match=field):
+        with pytest.raises(ConfigError, match=field):
             other.set_state(state)
-    with pytest.raises(ValueError, match="num_documents"):
+    with pytest.raises(ConfigError, match="num_documents"):
         make(synthetic_docs(11), seq_len=8, global_batch_size=4).set_state(state)
     with pytest.raises(ValueError, match="Malformed"):
         it.set_state({**state, "rows": [[0, 0]]})
@@ -316,8 +338,6 @@ def test_eval_matches_reference_in_order():
 # --------------------------------------------------------------- real tokenizer & spec
 
 def test_real_tokenizer_from_spec(sp_model, tmp_path):
-    from tests.conftest import austen_paragraphs
-    from research.data.tokenizer import load_tokenizer
     tok = load_tokenizer(sp_model)
     paragraphs = austen_paragraphs(60)
     (tmp_path / "austen.txt").write_text("\n\n".join(paragraphs))

@@ -14,7 +14,8 @@ from research.data.causal_lm import make_causal_lm_iterator
 from research.data.sources import DocumentList
 from research.models.transformer import CausalLM, TransformerConfig
 from research.objectives.causal_lm import CausalLMObjective
-from research.training.loop import build_setup, make_train_step
+from research.training.setup import build_setup
+from research.training.steps import make_train_step
 
 from .conftest import austen_paragraphs
 

@@ -11,7 +11,9 @@ import tensorflow_datasets as tfds
 from research.data.classification import (DataSourceError, Examples, encode_example,
                                           epoch_steps, load_examples,
                                           make_classification_iterator, truncate_lengths)
+from research.data.local_builder import LocalCorpus, prepare_local_dataset
 from research.data.tokenizer import Tokenizer
+from research.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RT = ROOT / "data" / "rotten_tomatoes"
@@ -199,8 +201,6 @@ def test_tfds_glue_through_mock_data():
 
 @pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
 def test_tfds_prepared_dataset_both_formats(tmp_path, file_format):
-    from research.data.local_builder import LocalCorpus, prepare_local_dataset
-
     path = write(tmp_path / "in" / "a.txt", "\n\n".join(f"document {i}" for i in range(7)))
     builder = prepare_local_dataset(LocalCorpus("text", (path,)), str(tmp_path / "tfds"),
                                     file_format=file_format)
@@ -259,9 +259,9 @@ def test_encode_example_layouts_and_truncation(tok):
             ids, types = encode_example((a, b), tok, seq_len, style=style)
             assert ids == [s, *ta[:la], m, *tb[:lb], e] and len(ids) <= seq_len
             assert len(types) == len(ids)
-    with pytest.raises(ValueError, match="seq_len=2 cannot hold the 3 special tokens"):
+    with pytest.raises(ConfigError, match="seq_len=2 cannot hold the 3 special tokens"):
         encode_example((a, b), tok, 2)
-    with pytest.raises(ValueError, match="style='gpt' is not supported"):
+    with pytest.raises(ConfigError, match="style='gpt' is not supported"):
         encode_example((a,), tok, 8, style="gpt")
 
 
@@ -355,10 +355,10 @@ def test_resume_yields_the_uninterrupted_batches(tok):
         halves.append(next(h))
     np.testing.assert_array_equal(np.concatenate([h["index"] for h in halves]),
                                   reference[4]["index"])
-    with pytest.raises(ValueError, match="seed: state has 7, iterator has 8"):
+    with pytest.raises(ConfigError, match="seed: state has 7, iterator has 8"):
         make_classification_iterator(ex, tok, seq_len=16, global_batch_size=4,
                                      seed=8).set_state(state)
-    with pytest.raises(ValueError, match="num_examples: state has 11, iterator has 12"):
+    with pytest.raises(ConfigError, match="num_examples: state has 11, iterator has 12"):
         make_classification_iterator(toy_examples(12), tok, **kw).set_state(state)
     with pytest.raises(ValueError, match="'position' must be an integer"):
         it.set_state({**state, "position": -1})
@@ -399,7 +399,7 @@ def test_single_pass_covers_each_example_once(tok):
 
 def test_iterator_argument_errors(tok):
     ex = toy_examples(5)
-    with pytest.raises(ValueError, match="not divisible by process_count=3"):
+    with pytest.raises(ConfigError, match="not divisible by process_count=3"):
         make_classification_iterator(ex, tok, seq_len=8, global_batch_size=4, seed=0,
                                      process_count=3)
     with pytest.raises(ValueError, match="process_index=2 must be in"):

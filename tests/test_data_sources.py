@@ -8,8 +8,12 @@ import gin
 import pytest
 import tensorflow_datasets as tfds
 
-from research.data.local_builder import LocalCorpus, prepare_local_dataset
+from absl import logging as absl_logging
+
+from research.data.local_builder import LocalCorpus, quiet_tfds, prepare_local_dataset
 from research.data.sources import DataSourceError, DocumentList, open_documents
+from research.errors import ConfigError, UserError
+from tests.conftest import AUSTEN, austen_paragraphs
 
 
 @pytest.fixture
@@ -58,7 +62,6 @@ def test_text_recursive_glob_and_relative_path(tmp_path, data_dir, monkeypatch):
 
 
 def test_austen_paragraphs_match_reference(data_dir):
-    from tests.conftest import AUSTEN, austen_paragraphs
     src = open_documents(f"text:{os.path.dirname(AUSTEN[0])}/*.txt", data_dir=data_dir)
     expected = austen_paragraphs()
     assert len(src) == len(expected)
@@ -119,6 +122,41 @@ def test_cache_reused_then_rebuilt_on_change(tmp_path, data_dir, caplog):
     assert len(cache_dirs(data_dir)) == 3
 
 
+TFDS_BUILD_CHATTER = ("Using custom data configuration", "Variant folder",
+                      "Downloading and preparing", "downloaded and prepared", "Generating",
+                      "Shuffling", "examples/s")
+
+
+def test_local_build_logs_one_line_of_ours_and_no_tfds_chatter(tmp_path, data_dir, caplog,
+                                                               capfd):
+    write(tmp_path / "a.txt", "alpha\n\nbeta\n")
+    spec = f"text:{tmp_path}/*.txt"
+    tfds.display_progress_bar(True)  # as in a fresh process
+    caplog.set_level(logging.INFO)
+    assert docs_of(open_documents(spec, data_dir=data_dir)) == ["alpha", "beta"]
+    assert docs_of(open_documents(spec, data_dir=data_dir)) == ["alpha", "beta"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "research.data.local_builder"]
+    assert len(ours) == 2
+    assert ours[0].startswith("Building local dataset") and data_dir in ours[0]
+    assert ours[1].startswith("Reusing cached local dataset") and data_dir in ours[1]
+    out, err = capfd.readouterr()
+    for chatter in TFDS_BUILD_CHATTER:
+        assert chatter not in out + err + caplog.text, chatter
+
+
+def testquiet_tfds_keeps_real_warnings(caplog):
+    caplog.set_level(logging.INFO)
+    with quiet_tfds():
+        absl_logging.warning("Using custom data configuration: %s", "ours")
+        absl_logging.info("Generating dataset %s", "ours")
+        absl_logging.warning("A real problem with %s", "the disk")
+    absl_logging.info("Outside a build: %s", "kept")
+    assert "A real problem with the disk" in caplog.text
+    assert "Outside a build: kept" in caplog.text
+    assert "custom data configuration" not in caplog.text
+    assert "Generating dataset" not in caplog.text
+
+
 def test_default_data_dir_from_env(tmp_path, monkeypatch):
     write(tmp_path / "in" / "a.txt", "hello")
     monkeypatch.setenv("RESEARCH_DATA_DIR", str(tmp_path / "envcache"))
@@ -158,6 +196,14 @@ def test_empty_corpus(tmp_path, data_dir):
 def test_unknown_spec(spec):
     with pytest.raises(DataSourceError, match="Unknown document spec"):
         open_documents(spec)
+
+
+def test_data_errors_are_user_errors(tmp_path):
+    """A data mistake ends the CLIs with one `error:` line and exit code 2 (no traceback)."""
+    assert issubclass(DataSourceError, ConfigError)
+    with pytest.raises(UserError) as caught:
+        open_documents(f"text:{tmp_path}/nothing/*.txt")
+    assert caught.value.exit_code == 2
 
 
 def test_unreadable_file(tmp_path, data_dir):
@@ -236,9 +282,16 @@ def test_tfds_spec_with_mock_data():
             open_documents("tfds:lm1b:test", split="train")
 
 
-def test_tfds_not_prepared_never_downloads(tmp_path):
+def test_tfds_not_prepared_never_downloads(tmp_path, caplog):
     with pytest.raises(DataSourceError, match="is not prepared"):
         open_documents("tfds:lm1b:test", data_dir=str(tmp_path))
+    # A half-made dataset folder (an interrupted `tfds build`): our error, not TFDS's
+    # "Variant folder ... has no dataset_info.json" warning, says what to do.
+    os.makedirs(tfds.builder("lm1b", data_dir=str(tmp_path)).data_dir)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(DataSourceError, match="is not prepared"):
+        open_documents("tfds:lm1b:test", data_dir=str(tmp_path))
+    assert "Variant folder" not in caplog.text
 
 
 def test_tfds_unknown_dataset(tmp_path):

@@ -1,4 +1,4 @@
-"""tools/convert_checkpoint.py and research.checkpoints.hf.convert: numerical parity with Hugging Face
+"""tools/convert_checkpoint.py and research.checkpoints.hf: numerical parity with Hugging Face
 PyTorch models (BERT pretraining, BERT classification, GPT-2) built from small random
 configs, bit-exact ours -> HF -> ours round trips, and the error cases.
 
@@ -30,11 +30,18 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file as save_torch  # noqa: E402
 
-from research.checkpoints.hf import convert as hf_convert  # noqa: E402
+from research import errors  # noqa: E402
 from research.checkpoints import init_from as init_checkpoint  # noqa: E402
-from research.models.bert import BertPretrainer  # noqa: E402
+from research.checkpoints.errors import ConversionError  # noqa: E402
+from research.checkpoints.hf import bert as hf_bert  # noqa: E402
+from research.checkpoints.hf import convert as hf_convert  # noqa: E402
+from research.checkpoints.hf import rules as hf_rules  # noqa: E402
 from research.checkpoints.manager import Checkpointer  # noqa: E402
+from research.data.tokenizer import load_tokenizer  # noqa: E402
+from research.models.bert import BertPretrainer  # noqa: E402
 from research.models.heads import SequenceClassifier  # noqa: E402
 from research.models.transformer import CausalLM, TransformerConfig  # noqa: E402
 
@@ -155,7 +162,7 @@ def save_workdir(workdir: pathlib.Path, cfg: TransformerConfig, params, objectiv
 
 
 def assert_bit_identical(a: dict, b: dict) -> None:
-    fa, fb = hf_convert.flatten(jax.device_get(a)), hf_convert.flatten(jax.device_get(b))
+    fa, fb = hf_rules.flatten(jax.device_get(a)), hf_rules.flatten(jax.device_get(b))
     assert sorted(fa) == sorted(fb)
     for k in fa:
         assert fa[k].dtype == fb[k].dtype and fa[k].shape == fb[k].shape, k
@@ -286,7 +293,6 @@ def test_gpt2_scan_layers_round_trip_is_exact_and_hf_agrees(tmp_path):
     workdir = save_workdir(tmp_path / "run", cfg, params, "causal_lm")
     hf_dir, back = str(tmp_path / "hf"), str(tmp_path / "back")
     run_tool(f"--from={workdir}", f"--to_hf={hf_dir}")
-    from safetensors.numpy import load_file
     state = load_file(os.path.join(hf_dir, "model.safetensors"))
     np.testing.assert_array_equal(state["lm_head.weight"], state["transformer.wte.weight"])
     run_tool(f"--from_hf={hf_dir}", f"--to={back}", "--scan_layers")
@@ -302,7 +308,6 @@ def test_gpt2_scan_layers_round_trip_is_exact_and_hf_agrees(tmp_path):
 
 def _rewrite(src: pathlib.Path, dst: pathlib.Path, edit) -> pathlib.Path:
     """A copy of HF checkpoint `src` whose state dict went through `edit(state) -> state`."""
-    from safetensors.numpy import load_file, save_file
     dst.mkdir()
     (dst / "config.json").write_bytes((src / "config.json").read_bytes())
     save_file(edit(load_file(str(src / "model.safetensors"))), str(dst / "model.safetensors"))
@@ -337,7 +342,6 @@ def test_legacy_key_spellings_and_sharded_files_convert_identically(tmp_path):
         assert_bit_identical(want.params, got.params)
 
     # Sharded (model.safetensors.index.json) and bfloat16 weights.
-    from safetensors.numpy import load_file, save_file
     state = load_file(str(bert / "model.safetensors"))
     sharded = tmp_path / "sharded"
     sharded.mkdir()
@@ -355,21 +359,20 @@ def test_legacy_key_spellings_and_sharded_files_convert_identically(tmp_path):
     half = tmp_path / "bf16"
     half.mkdir()
     (half / "config.json").write_bytes((bert / "config.json").read_bytes())
-    from safetensors.torch import save_file as save_torch
     save_torch({k: torch.from_numpy(v.copy()).to(torch.bfloat16) for k, v in state.items()},
                str(half / "model.safetensors"))
     rounded = {k: torch.from_numpy(v.copy()).to(torch.bfloat16).float().numpy()
                for k, v in state.items()}
-    want = hf_convert.bert_from_hf(json.loads((bert / "config.json").read_text()), rounded)
+    want = hf_bert.bert_from_hf(json.loads((bert / "config.json").read_text()), rounded)
     assert_bit_identical(want.params, hf_convert.from_hf(str(half)).params)
 
 
 def test_stacking_is_the_inverse_of_unstacking():
     flat = {f"encoder/layer_{i}/mlp/wi/kernel": np.full((2, 3), i, np.float32) for i in range(3)}
     flat["pooler/bias"] = np.ones(2, np.float32)
-    stacked = hf_convert.stack_layers(flat, "encoder", 3)
+    stacked = hf_rules.stack_layers(flat, "encoder", 3)
     assert stacked["encoder/layers/block/mlp/wi/kernel"].shape == (3, 2, 3)
-    back = hf_convert.unstack_layers(stacked, "encoder", 3)
+    back = hf_rules.unstack_layers(stacked, "encoder", 3)
     assert sorted(back) == sorted(flat)
     for k in flat:
         np.testing.assert_array_equal(back[k], flat[k])
@@ -422,32 +425,31 @@ def _edit_config(src: pathlib.Path, dst: pathlib.Path, **changes) -> pathlib.Pat
 
 def test_unsupported_model_type(tiny_bert_dir, tmp_path):
     src = _edit_config(tiny_bert_dir, tmp_path / "hf", model_type="t5")
-    with pytest.raises(hf_convert.ConversionError, match=r"model_type='t5'.*\['bert', 'gpt2'\]"):
+    with pytest.raises(ConversionError, match=r"model_type='t5'.*\['bert', 'gpt2'\]"):
         hf_convert.convert_from_hf(str(src), str(tmp_path / "out"))
 
 
 def test_relative_position_embeddings_are_rejected(tiny_bert_dir, tmp_path):
     src = _edit_config(tiny_bert_dir, tmp_path / "hf", position_embedding_type="relative_key")
-    with pytest.raises(hf_convert.ConversionError, match="relative position embeddings"):
+    with pytest.raises(ConversionError, match="relative position embeddings"):
         hf_convert.convert_from_hf(str(src), str(tmp_path / "out"))
 
 
 def test_config_that_does_not_match_the_weights(tiny_bert_dir, tmp_path):
     src = _edit_config(tiny_bert_dir, tmp_path / "hf", num_hidden_layers=3)
-    with pytest.raises(hf_convert.ConversionError, match="lacks"):
+    with pytest.raises(ConversionError, match="lacks"):
         hf_convert.convert_from_hf(str(src), str(tmp_path / "out"))
     src = _edit_config(tiny_bert_dir, tmp_path / "hf2", intermediate_size=50)
-    with pytest.raises(hf_convert.ConversionError, match="shape"):
+    with pytest.raises(ConversionError, match="shape"):
         hf_convert.convert_from_hf(str(src), str(tmp_path / "out"))
 
 
 def test_unknown_heads_are_named(tiny_bert_dir, tmp_path):
-    from safetensors.numpy import load_file, save_file
     src = _copy_dir(tiny_bert_dir, tmp_path / "hf")
     state = load_file(str(src / "model.safetensors"))
     state["qa_outputs.weight"] = np.zeros((2, 32), np.float32)
     save_file(state, str(src / "model.safetensors"))
-    with pytest.raises(hf_convert.ConversionError, match="qa_outputs.weight"):
+    with pytest.raises(ConversionError, match="qa_outputs.weight"):
         hf_convert.convert_from_hf(str(src), str(tmp_path / "out"))
 
 
@@ -461,11 +463,11 @@ def test_existing_output_needs_overwrite(tiny_bert_dir, tmp_path):
 
 def test_export_rejects_what_hf_cannot_express():
     rotary = TransformerConfig(vocab_size=64, position="rotary", causal=True)
-    with pytest.raises(hf_convert.ConversionError, match="position='rotary'"):
+    with pytest.raises(ConversionError, match="position='rotary'"):
         hf_convert.to_hf(rotary, {})
     gqa = TransformerConfig(vocab_size=64, num_heads=4, num_kv_heads=2, causal=False,
                             norm_placement="post", embedding_norm=True, type_vocab_size=2)
-    with pytest.raises(hf_convert.ConversionError, match="num_kv_heads=2"):
+    with pytest.raises(ConversionError, match="num_kv_heads=2"):
         hf_convert.to_hf(gqa, {})
 
 
@@ -477,6 +479,27 @@ def test_export_without_run_json(tmp_path):
     ckpt.close()
     with pytest.raises(FileNotFoundError, match="run.json"):
         hf_convert.convert_to_hf(str(tmp_path), str(tmp_path / "hf"))
+
+
+def test_user_mistakes_are_config_errors(tiny_bert_dir, tmp_path, capsys):
+    """Every mistake in the converter's input is a research.errors.ConfigError (the CLIs print
+    one `error:` line and exit 2), naming the culprit."""
+    out = str(tmp_path / "out")
+    t5 = _edit_config(tiny_bert_dir, tmp_path / "t5", model_type="t5")
+    mistakes = {
+        "nowhere": lambda: hf_convert.convert_from_hf(str(tmp_path / "nowhere"), out),
+        "model_type='t5'": lambda: hf_convert.convert_from_hf(str(t5), out),
+        "missing_run": lambda: hf_convert.convert_to_hf(str(tmp_path / "missing_run"),
+                                                        str(tmp_path / "hf")),
+    }
+    for culprit, convert in mistakes.items():
+        with pytest.raises(errors.ConfigError, match=culprit):
+            convert()
+    hf_convert.convert_from_hf(str(tiny_bert_dir), out)
+    with pytest.raises(errors.ConfigError, match="--overwrite"):
+        hf_convert.convert_from_hf(str(tiny_bert_dir), out)
+    assert TOOL.main([f"--from_hf={t5}", f"--to={tmp_path / 'out2'}"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_cli_needs_one_direction(capsys):
@@ -517,7 +540,6 @@ def test_real_minilm_bert_model(tmp_path_factory):
     cfg = config_from_outputs(out)
     assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.vocab_size) == (6, 384, 12, 30522)
 
-    from research.data.tokenizer import load_tokenizer
     tok = load_tokenizer(info["vocab"])
     assert tok.lowercase and (tok.pad_id, tok.cls_id, tok.sep_id) == (0, 101, 102)
     texts = ["The quick brown fox jumps over the lazy dog.", "Tokenization isn't hard!"]

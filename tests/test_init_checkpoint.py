@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from research import errors
 from research.checkpoints import init_from as init_checkpoint
-from research.training import partitioning
+from research.checkpoints import manager
 from research.checkpoints.manager import Checkpointer
+from research.training import partitioning
 from research.models.heads import SequenceClassifier
 from research.models.transformer import CausalLM, TransformerConfig
 
@@ -75,6 +77,35 @@ def test_missing_checkpoint_is_named(tmp_path):
         init_checkpoint.resolve(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         init_checkpoint.resolve(str(tmp_path))
+    (tmp_path / "params.npz").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
+        init_checkpoint.resolve(str(tmp_path / "params.npz"))
+
+
+def test_init_checkpoint_mistakes_are_config_errors(pretrained, tmp_path):
+    """A wrong INIT_CHECKPOINT, assignment map or VOCAB is a user error (one `error:` line,
+    exit 2), its message unquoted and naming the parameter."""
+    workdir, _ = pretrained
+    with pytest.raises(errors.ConfigError, match="does not exist"):
+        init_checkpoint.resolve(str(tmp_path / "nope"))
+    with pytest.raises(errors.ConfigError) as missing:
+        init_checkpoint.restore_into(classifier_params({"data": 8}), str(workdir),
+                                     [("classifier/.*", None), ("decoder/(.*)", r"encoder/\1")])
+    assert str(missing.value).startswith("parameter 'decoder/")
+    with pytest.raises(errors.ConfigError, match="restores nothing"):
+        init_checkpoint.restore_into(classifier_params({"data": 8}), str(workdir),
+                                     [(".*", None)])
+    with pytest.raises(errors.ConfigError, match="vocab size 64"):
+        init_checkpoint.check_vocab(str(workdir), 1000, 1024)
+
+
+def test_param_shapes_reads_the_checkpoint_metadata(pretrained):
+    workdir, saved = pretrained
+    directory, step = init_checkpoint.resolve(str(workdir))
+    shapes = manager.param_shapes(directory, step)
+    kernel = saved["decoder"]["layer_0"]["mlp"]["wi"]["kernel"]
+    assert shapes["decoder/layer_0/mlp/wi/kernel"] == (kernel.shape, kernel.dtype)
+    assert len(shapes) == len(jax.tree.leaves(saved))
 
 
 def test_missing_key_is_named(pretrained):

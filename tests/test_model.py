@@ -3,13 +3,16 @@
 import dataclasses
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.models.transformer import (CausalLM, Dropout, gelu_exact, TransformerConfig, TransformerStack, analytic_param_count,
-                            count_params)
+from research.errors import ConfigError
+from research.models.layers import Dropout, gelu_exact
+from research.models.transformer import (CausalLM, TransformerConfig, TransformerStack,
+                                         analytic_param_count, count_params)
 
 SMALL = dict(vocab_size=97, num_layers=2, d_model=32, num_heads=4, mlp_dim=64, max_len=32)
 
@@ -227,10 +230,24 @@ def test_dropout_is_active_only_when_not_deterministic():
 
 
 def test_bad_config_values_are_named():
-    with pytest.raises(ValueError, match="activation"):
+    """A bad architecture value is the user's mistake: a ConfigError (a ValueError that the
+    CLIs end with exit code 2 and one `error:` line) naming the field."""
+    with pytest.raises(ConfigError, match="activation"):
         TransformerConfig(activation="gelu2")
-    with pytest.raises(ValueError, match="num_kv_heads"):
+    with pytest.raises(ConfigError, match="num_kv_heads"):
         TransformerConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ConfigError, match="vocab_size=100 is smaller than the tokenizer's 120"):
+        TransformerConfig(vocab_size=100).with_vocab(120)
+    assert issubclass(ConfigError, ValueError) and ConfigError.exit_code == 2
+
+
+def test_gin_names_of_the_config_stay():
+    """Model gin files bind `TransformerConfig.x`; the module-qualified selector from before
+    TransformerConfig got its own module (research.models.transformer_config) works too."""
+    gin.parse_config("TransformerConfig.num_layers = 3\n"
+                     "research.models.transformer.TransformerConfig.d_model = 64")
+    cfg = TransformerConfig()
+    assert (cfg.num_layers, cfg.d_model) == (3, 64)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])

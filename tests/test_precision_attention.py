@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from research.errors import ConfigError
 from research.training import partitioning
 from research.models.transformer import CausalLM, TransformerConfig, TransformerStack
 from research.objectives.causal_lm import CausalLMObjective
@@ -231,11 +232,11 @@ def rel_err(a, b):
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("causal", [True, False])
 def test_default_attention_equals_jax_xla_attention(causal, kv_heads, dtype):
-    """attention_impl=None (model.softmax_attention) computes what jax.nn.dot_product_attention's
-    XLA implementation computes: forward and every parameter gradient, packed documents with
-    padding, MHA and grouped KV heads, float32 and bf16 (one query block; the blocks are
-    checked against one block below). Only the summation order may differ:
-    float32 agrees to 1e-5 relative (measured <= 1.6e-6), bf16 to within one bf16 rounding
+    """attention_impl=None (research.models.attention.softmax_attention) computes what
+    jax.nn.dot_product_attention's XLA implementation computes: forward and every parameter
+    gradient, packed documents with padding, MHA and grouped KV heads, float32 and bf16 (one
+    query block; the blocks are checked against one block below). Only the summation order may
+    differ: float32 agrees to 1e-5 relative (measured <= 1.6e-6), bf16 to within one bf16 rounding
     (2^-8; measured: identical)."""
     cfg, params, toks, seg, pos = attention_case(causal, num_kv_heads=kv_heads, dtype=dtype,
                                                  attention_query_blocks=1)
@@ -299,7 +300,7 @@ def test_query_blocks_apply_only_to_causal_self_attention():
         {"params": params}, toks, segment_ids=seg, positions=pos)
     np.testing.assert_array_equal(a, b)
     for bad in (0, 2.0):
-        with pytest.raises(ValueError, match="attention_query_blocks must be an integer >= 1"):
+        with pytest.raises(ConfigError, match="attention_query_blocks must be an integer >= 1"):
             TransformerConfig(attention_query_blocks=bad)
 
 
@@ -348,20 +349,20 @@ def test_cudnn_attention_matches_xla_in_bf16(causal):
 
 
 def test_cudnn_attention_errors_name_the_fix():
-    """attention_impl='cudnn' off a GPU fails with a ValueError that says to use 'xla' or None
+    """attention_impl='cudnn' off a GPU fails with a ConfigError that says to use 'xla' or None
     (JAX itself says only "cuDNN is not detected"), at model init and so already in
     build_setup; a float32 compute dtype or an unknown name fail at config time."""
-    with pytest.raises(ValueError, match=r"16-bit compute dtype"):
+    with pytest.raises(ConfigError, match=r"16-bit compute dtype"):
         TransformerConfig(attention_impl="cudnn")  # float32 compute: never supported by cuDNN
-    with pytest.raises(ValueError, match="attention_impl"):
+    with pytest.raises(ConfigError, match="attention_impl"):
         TransformerConfig(attention_impl="flash")
     if jax.default_backend() == "gpu":
         return  # there attention_impl='cudnn' is valid
     cfg = TransformerConfig(**SMALL, dtype="bfloat16", attention_impl="cudnn")
     toks = jnp.zeros((1, 8), jnp.int32)
-    with pytest.raises(ValueError, match=r"needs an NVIDIA GPU.*use attention_impl='xla' or None"):
+    with pytest.raises(ConfigError, match=r"needs an NVIDIA GPU.*use attention_impl='xla' or None"):
         jax.eval_shape(CausalLM(cfg).init, jax.random.key(0), toks)
-    with pytest.raises(ValueError, match=r"attention_impl='xla' or None"):
+    with pytest.raises(ConfigError, match=r"attention_impl='xla' or None"):
         make_setup(dtype="bfloat16", attention_impl="cudnn")
 
 

@@ -13,10 +13,16 @@ import time
 
 import pytest
 
+from research.errors import ConfigError
 from research.sweep.__main__ import main
-from research.sweep.runner import print_status
-from research.sweep.spec import (GinExpr, SweepError, SweepSpec, apply_cli, expand, gin_literal,
-                                 load_sweep_file, parse_gin_value, split_top_level)
+from research.sweep.cli_axes import apply_cli
+from research.sweep.expansion import expand
+from research.sweep.gin_values import GinExpr, gin_literal, parse_gin_value, split_top_level
+from research.sweep.spec import SweepError, SweepSpec
+from research.sweep.status import print_status
+from research.sweep.sweep_file import load_sweep_file
+from research.sweep.trial_state import effective_status, trainer_alive
+from research.workdir import WorkdirLock
 
 from .conftest import ROOT
 
@@ -512,3 +518,32 @@ def test_two_trial_sweep_through_research_train(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "skip LEARNING_RATE=0.001 (done)" in out and "skip LEARNING_RATE=0.003 (done)" in out
     assert trial_json(root, "LEARNING_RATE=0.001")["attempts"] == 1
+
+
+# ------------------------------------------------------------------------ error path ---------
+
+def test_input_mistakes_end_with_one_error_line(tmp_path, capsys):
+    """A bad sweep file, an unknown status root and an unusable collect --out are
+    ConfigErrors: exit code 2 and one `error:` line naming the culprit, no traceback."""
+    assert issubclass(SweepError, ConfigError)
+    bad = write(tmp_path / "bad.gin", "sweep.gin_files = ['a.gin']\nsweep.gird = {'A': [1]}\n")
+    cases = [(["run", bad, f"--root={tmp_path / 'r'}", "--dry_run"], "sweep has no parameter 'gird'"),
+             (["status", str(tmp_path)], "no sweep.json in"),
+             (["collect", str(tmp_path / "absent")], "is not a directory"),
+             (["collect", str(tmp_path), f"--out={bad}"], "is a file, not a directory")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and message in err, (argv, err)
+
+
+def test_trainer_alive_on_another_host_reads_the_workdir_lock(tmp_path):
+    """A "running" trial.json written on another host counts as alive while research.train's
+    DIR/.lock is held (workdir.lock_held), and as dead once it is released."""
+    state = {"status": "running", "host": "some-other-host", "pid": 1}
+    assert not trainer_alive(str(tmp_path), state)  # no lock file at all
+    with WorkdirLock(str(tmp_path)):
+        assert trainer_alive(str(tmp_path), state)
+        assert effective_status(str(tmp_path), state)[0] == "running"
+    assert not trainer_alive(str(tmp_path), state)
+    assert effective_status(str(tmp_path), state)[0] == "interrupted"

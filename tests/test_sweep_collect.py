@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -12,7 +13,10 @@ import sys
 import numpy as np
 import pytest
 
+from research import workdir
+from research.errors import ConfigError
 from research.sweep import collect as C
+from research.sweep import plots, report, results, tables
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = """from __gin__ import dynamic_registration
@@ -143,11 +147,12 @@ def test_per_trial_values(sweep):
 
 
 def test_config_hash_ignores_comments(tmp_path):
-    a, b = tmp_path / "a.gin", tmp_path / "b.gin"
-    a.write_text("# header\nX = 1\n  # indented comment\nY = 'z'\n")
-    b.write_text("X = 1\nY = 'z'\n# trailing comment\n")
-    assert C.config_hash(str(a)) == C.config_hash(str(b)) == expected_hash("X = 1\nY = 'z'")
-    assert C.config_hash(str(tmp_path / "missing.gin")) is None
+    a, b = write_trial(tmp_path, "a"), write_trial(tmp_path, "b")
+    (a / "config.gin").write_text("# header\nX = 1\n  # indented comment\nY = 'z'\n")
+    (b / "config.gin").write_text("X = 1\nY = 'z'\n# trailing comment\n")
+    assert results.config_hash(workdir.read_config(str(a))) \
+        == results.config_hash(workdir.read_config(str(b))) == expected_hash("X = 1\nY = 'z'")
+    assert results.config_hash(workdir.read_config(str(tmp_path / "missing"))) is None
 
 
 def test_aggregate_mean_std_over_seeds(sweep):
@@ -170,7 +175,7 @@ def test_aggregate_mean_std_over_seeds(sweep):
             assert num(s[f"{field}_std"]) == pytest.approx(values.std(ddof=1), rel=1e-12)
             assert s[f"{field}_n"] == "3"
     first = summary[0]
-    cell = C.fmt_mean(num(first["eval/loss_mean"]), num(first["eval/loss_std"]), 3)
+    cell = report.fmt_mean(num(first["eval/loss_mean"]), num(first["eval/loss_std"]), 3)
     assert cell.endswith("(n=3)") and " ± " in cell and cell in markdown
     assert "Mean ± sample std (ddof=1) over SEED" in markdown
 
@@ -291,7 +296,7 @@ def test_metrics_and_sort(sweep):
     assert means == sorted(means, reverse=True)
     C.collect(str(root), sort="SEED")
     assert [r["SEED"] for r in read_csv(root / "results.csv")] == ["0"] * 4 + ["1"] * 4 + ["2"] * 4
-    with pytest.raises(C.CollectError, match="no such column"):
+    with pytest.raises(results.CollectError, match="no such column"):
         C.collect(str(root), sort="nope")
 
 
@@ -334,9 +339,9 @@ def test_plot_legend_uses_short_axis_names(tmp_path):
         {"axes": list(params), "seed_axes": ["SEED"], "trials": [{"name": "t", "params": params}],
          "names": {"TransformerConfig.position": "pos", "SEED": "SEED"}}))
     write_trial(root, "t", rows=[{"step": 1, "train/loss": 2.0}], info={"status": "running"})
-    sweep = C.load_sweep(str(root))
-    assert C.group_label(params, sweep.group_axes, sweep.names) == "pos=rotary"
-    assert C.group_label(params, sweep.group_axes) == "TransformerConfig.position=rotary"
+    sweep = results.load_sweep(str(root))
+    assert plots.group_label(params, sweep.group_axes, sweep.names) == "pos=rotary"
+    assert plots.group_label(params, sweep.group_axes) == "TransformerConfig.position=rotary"
 
 
 def grid_sweep(tmp_path) -> tuple[pathlib.Path, dict]:
@@ -369,18 +374,18 @@ def grid_sweep(tmp_path) -> tuple[pathlib.Path, dict]:
 
 def test_grid_matrix(tmp_path):
     root, values = grid_sweep(tmp_path)
-    sweep = C.load_sweep(str(root))
-    table = C.build_table(sweep)
-    summary = C.aggregate(sweep, table)
-    assert C.grid_metric(table) == "eval/loss"
-    assert C.grid_metric(C.build_table(sweep, ["train/loss", "eval/accuracy"])) \
+    sweep = results.load_sweep(str(root))
+    table = tables.build_table(sweep)
+    summary = tables.aggregate(sweep, table)
+    assert plots.grid_metric(table) == "eval/loss"
+    assert plots.grid_metric(tables.build_table(sweep, ["train/loss", "eval/accuracy"])) \
         == "eval/accuracy"
-    assert C.grid_metric(C.build_table(sweep, ["train/loss"])) == "train/loss"
-    assert C.grid_metric(table, "best:eval/accuracy") == "best:eval/accuracy"
-    with pytest.raises(C.CollectError, match="--grid_metric=nope"):
-        C.grid_metric(table, "nope")
+    assert plots.grid_metric(tables.build_table(sweep, ["train/loss"])) == "train/loss"
+    assert plots.grid_metric(table, "best:eval/accuracy") == "best:eval/accuracy"
+    with pytest.raises(results.CollectError, match="--grid_metric=nope"):
+        plots.grid_metric(table, "nope")
     for metric, k, best in (("eval/loss", 0, (0, 1)), ("eval/accuracy", 1, (0, 2))):
-        grid = C.heatmap_grid(sweep, table, summary, metric)
+        grid = plots.heatmap_grid(sweep, table, summary, metric)
         assert (grid.row_axis, grid.col_axis) == ("LEARNING_RATE", "WARMUP_STEPS")
         assert (grid.row_label, grid.col_label) == ("lr", "warmup")
         assert grid.row_values == [0.001, 0.01] and grid.col_values == [0, 60, 240]
@@ -431,8 +436,33 @@ def test_no_grid_without_two_axes(tmp_path):
         {"axes": ["LEARNING_RATE", "SEED"], "seed_axes": ["SEED"], "trials": trials}))
     markdown = C.collect(str(root))
     assert not (root / "grid.png").exists() and "grid.png" not in markdown
-    sweep = C.load_sweep(str(root))
-    table = C.build_table(sweep)
-    assert C.heatmap_grid(sweep, table, C.aggregate(sweep, table), "eval/loss") is None
+    sweep = results.load_sweep(str(root))
+    table = tables.build_table(sweep)
+    assert plots.heatmap_grid(sweep, table, tables.aggregate(sweep, table), "eval/loss") is None
     C.collect(str(root), seed_axes=[])  # LEARNING_RATE x SEED: two axes now
     assert (root / "grid.png").exists()
+
+
+def test_multi_seed_reads_run_files_and_shares_mean_std(tmp_path):
+    """tools/multi_seed.py picks each seed's eval metrics at final.json's best step (else the
+    last eval) and reports tables.mean_std's mean and sample std."""
+    spec = importlib.util.spec_from_file_location("multi_seed", REPO / "tools" / "multi_seed.py")
+    multi_seed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(multi_seed)
+    evals = {0: [(10, 0.5), (20, 0.7), (30, 0.6)], 1: [(10, 0.4), (20, 0.55), (30, 0.65)]}
+    for seed, points in evals.items():
+        rows = [{"step": s, "train/loss": 1.0, "eval/accuracy": a} for s, a in points]
+        final = {"step": 30, "num_steps": 30, "metrics": rows[-1]}
+        if seed == 0:
+            final["best"] = {"step": 20, "metric": "eval/accuracy", "value": 0.7}
+        write_trial(tmp_path, f"seed_{seed}", rows=rows, final=final, tail='{"step": 31, "ev')
+    per_seed = {s: multi_seed.final_eval_metrics(str(tmp_path / f"seed_{s}")) for s in evals}
+    assert per_seed == {0: {"eval/accuracy": 0.7, "step": 20}, 1: {"eval/accuracy": 0.65, "step": 30}}
+    summary = multi_seed.summarize(per_seed)["eval/accuracy"]
+    assert summary["values"] == [0.7, 0.65]
+    mean, std, n = tables.mean_std([0.7, 0.65])
+    assert (summary["mean"], summary["std"], n) == (mean, std, 2)
+    assert std == pytest.approx(np.std([0.7, 0.65], ddof=1), rel=1e-12)
+    write_trial(tmp_path, "no_eval", rows=[{"step": 1, "train/loss": 1.0}])
+    with pytest.raises(ConfigError, match="no eval metrics; set EVAL_DATA"):
+        multi_seed.final_eval_metrics(str(tmp_path / "no_eval"))

@@ -14,12 +14,15 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from research import errors
 from research.training import partitioning
 from research.data.causal_lm import make_causal_lm_iterator
 from research.data.sources import DocumentList
 from research.models.transformer import TransformerConfig
 from research.objectives.causal_lm import CausalLMObjective
-from research.training.loop import build_setup, make_train_step
+from research.training.run_config import EXAMPLES, MACROS, RunConfig, Schedule
+from research.training.setup import build_setup, check_batch_size
+from research.training.steps import make_train_step
 
 from .conftest import ROOT, austen_paragraphs
 
@@ -81,12 +84,60 @@ def test_bad_batch_and_mesh_are_explained(sp_model):
         partitioning.resolve_mesh_shape({"data": 4, "fsdp": 4}, 8)
     assert partitioning.resolve_mesh_shape({"fsdp": -1, "tensor": 2}, 8) == {
         "data": 1, "fsdp": 4, "tensor": 2}
-    from research.training.loop import _check_batch
     setup = build_setup(model_config=TINY, objective=CausalLMObjective(), vocab=sp_model,
                         seq_len=SEQ, batch_size=6, seed=0, mesh_shape={"data": 8},
                         learning_rate=1e-3, num_steps=1, warmup_steps=0)
-    with pytest.raises(ValueError, match="BATCH_SIZE=6 must be divisible"):
-        _check_batch(6, setup.mesh, 1)
+    with pytest.raises(errors.ConfigError, match="BATCH_SIZE=6 must be divisible"):
+        check_batch_size(6, setup.mesh, 1)
+
+
+# ----------------------------------------------------------------- the run config ----------
+
+def _run_config(**overrides):
+    base = dict(model_config=TINY, objective=CausalLMObjective(),
+                train_data="text:data/austen/persuasion.txt", vocab=None, num_steps=4,
+                batch_size=BATCH, seq_len=SEQ, learning_rate=1e-3, progress_bar=False)
+    return RunConfig(**{**base, **overrides})
+
+
+def test_run_config_derives_the_schedule_once():
+    assert _run_config().schedule(None) == Schedule(num_steps=4, warmup_steps=0, eval_every=500,
+                                                    steps_per_epoch=None)
+    # Fine-tuning: EPOCHS x steps per epoch, WARMUP_FRACTION of them, eval once per epoch.
+    finetune = _run_config(num_steps=None, num_epochs=2.5, warmup_steps=None,
+                           warmup_fraction=0.1, eval_every=None)
+    assert finetune.schedule(4) == Schedule(num_steps=10, warmup_steps=1, eval_every=4,
+                                            steps_per_epoch=4)
+    with pytest.raises(errors.ConfigError, match="set TRAIN_STEPS"):
+        finetune.schedule(None)  # a stream has no epochs
+    assert _run_config(num_steps=None, eval_every=None, num_epochs=1).schedule(3).eval_every == 3
+    assert MACROS["num_steps"] == "TRAIN_STEPS" and EXAMPLES["vocab"] == "\"'path.model'\""
+
+
+def test_run_config_checks_every_field_on_construction():
+    with pytest.raises(errors.InvalidConfigError) as info:
+        _run_config(on_nonfinite="ignore", microbatches=0)
+    assert "train.on_nonfinite = 'ignore' (str) must be one of ('stop', 'skip')" in str(info.value)
+    assert "train.microbatches = 0 (int) must be a positive int" in str(info.value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _run_config().num_steps = 5
+
+
+def test_user_mistakes_in_the_loop_are_config_errors(tmp_path, sp_model):
+    """Each names the culprit and the fix; the CLI prints them as one `error:` line."""
+    from research.training.loop import train
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(errors.ConfigError, match="is an existing file, not a directory"):
+        train(str(a_file), _run_config(vocab=sp_model))
+    with pytest.raises(errors.ConfigError, match="VOCAB is None"):
+        train(str(tmp_path / "a"), _run_config())
+    with pytest.raises(errors.ConfigError, match="set TRAIN_STEPS"):
+        train(str(tmp_path / "b"), _run_config(vocab=sp_model, num_steps=None))
+    with pytest.raises(errors.ConfigError, match="SEQ_LEN=128 exceeds TransformerConfig.max_len=64"):
+        build_setup(model_config=TINY, objective=CausalLMObjective(), vocab=sp_model,
+                    seq_len=128, batch_size=BATCH, seed=0, mesh_shape={"data": -1},
+                    learning_rate=1e-3, num_steps=1, warmup_steps=0)
 
 
 # ----------------------------------------------------------------- CLI end to end ----------
@@ -184,9 +235,11 @@ from research.config import parse_gin
 import gin
 from research import benchmark
 from research.training import partitioning
-from research.training.loop import build_setup, make_train_step, train
+from research.training.run_config import RunConfig
+from research.training.setup import build_setup
+from research.training.steps import make_train_step
 parse_gin(["configs/models/{model}.gin", "configs/runs/{run}.gin"], ["BATCH_SIZE=8", "SEQ_LEN=64"])
-run = gin.get_bindings(train)
+run = gin.get_bindings(RunConfig)
 setup = build_setup(model_config=run["model_config"], objective=run["objective"], vocab=run["vocab"],
                     seq_len=64, batch_size=8, seed=0, mesh_shape={{"data": 2, "fsdp": 2, "tensor": 2}},
                     learning_rate=1e-3, num_steps=10, warmup_steps=0)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from research.data.tokenizer import Tokenizer
 from tests.conftest import ROOT, austen_paragraphs
 
 TOOL = ROOT / "tools" / "train_tokenizer.py"
@@ -39,7 +40,6 @@ def test_train_tokenizer_cli(corpus, tmp_path):
     assert "1000 of 1500 documents" in proc.stdout
     assert "pieces:" in proc.stdout
 
-    from research.data.tokenizer import Tokenizer
     tok = Tokenizer(prefix + ".model")
     assert tok.vocab_size == 500
     assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("tokenizers")
 
 from research.data import masking  # noqa: E402
+from research.data.bert_pretraining import make_bert_pretraining_iterator  # noqa: E402
 from research.data.tokenizer import load_tokenizer  # noqa: E402
 from research.data.wordpiece import WordPieceTokenizer  # noqa: E402
 
@@ -105,7 +106,6 @@ def test_errors_name_the_problem(tmp_path):
 
 
 def test_feeds_bert_pretraining_data(tok):
-    from research.data.bert_pretraining import make_bert_pretraining_iterator
     vocab = masking.MaskingVocab.from_tokenizer(tok)
     assert vocab.mask_id == 4 and vocab.is_special[[0, 2, 3, 4]].all() and not vocab.is_special[1]
     docs = [" ".join(SENTENCES[:2]) + " " + SENTENCES[0], SENTENCES[1] + " " + SENTENCES[2]] * 4

@@ -32,12 +32,13 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from research import cli  # noqa: E402
 from research.checkpoints.hf import convert as hf_convert  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from_hf", metavar="DIR",
                         help="Hugging Face checkpoint directory (config.json + model.safetensors)")
     parser.add_argument("--to", metavar="OUT", help="output directory for --from_hf")
@@ -63,27 +64,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@cli.entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.time()
-    try:
-        if args.from_hf:
-            converted = hf_convert.convert_from_hf(args.from_hf, args.to,
-                                                   scan_layers=args.scan_layers,
-                                                   overwrite=args.overwrite)
-            cfg = converted.cfg
-            print(f"Converted HF {converted.model_type} ({cfg.num_layers} layers, d_model "
-                  f"{cfg.d_model}, vocab {cfg.vocab_size}, {len(converted.params)} tensors, "
-                  f"objective {converted.objective}) to {args.to} in {time.time() - start:.1f}s.")
-            print(f"Use: --gin_file={os.path.join(args.to, 'model.gin')} "
-                  f"--gin.INIT_CHECKPOINT=\"'{args.to}'\"")
-        else:
-            config = hf_convert.convert_to_hf(args.from_ours, args.to_hf, overwrite=args.overwrite)
-            print(f"Wrote {config['architectures'][0]} ({config['model_type']}) to {args.to_hf} "
-                  f"in {time.time() - start:.1f}s.")
-    except (FileNotFoundError, FileExistsError, hf_convert.ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.from_hf:
+        cli.check_output_dir(args.to, "--to")
+        converted = hf_convert.convert_from_hf(args.from_hf, args.to, scan_layers=args.scan_layers,
+                                               overwrite=args.overwrite)
+        cfg = converted.cfg
+        print(f"Converted HF {converted.model_type} ({cfg.num_layers} layers, d_model "
+              f"{cfg.d_model}, vocab {cfg.vocab_size}, {len(converted.params)} tensors, "
+              f"objective {converted.objective}) to {args.to} in {time.time() - start:.1f}s.")
+        print(f"Use: --gin_file={os.path.join(args.to, 'model.gin')} "
+              f"--gin.INIT_CHECKPOINT=\"'{args.to}'\"")
+    else:
+        cli.check_output_dir(args.to_hf, "--to_hf")
+        config = hf_convert.convert_to_hf(args.from_ours, args.to_hf, overwrite=args.overwrite)
+        print(f"Wrote {config['architectures'][0]} ({config['model_type']}) to {args.to_hf} "
+              f"in {time.time() - start:.1f}s.")
     return 0
 
 

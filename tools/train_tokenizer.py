@@ -23,12 +23,14 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from research.data.sources import DataSourceError, open_documents  # noqa: E402
+from research import cli  # noqa: E402
+from research.data.sources import open_documents  # noqa: E402
 from research.data.tokenizer import train_sentencepiece  # noqa: E402
+from research.errors import ConfigError  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="train_tokenizer.py",
         description=__doc__,
         epilog="Input specs: 'text:GLOB' (blank-line separated documents), 'jsonl:GLOB' "
@@ -84,19 +86,16 @@ def training_lines(source, indices: list[int]) -> Iterator[str]:
                 yield line.strip()
 
 
+@cli.entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     model_path = args.output + ".model"
     if os.path.exists(model_path) and not args.overwrite:
-        print(f"error: {model_path} already exists; pass --overwrite to replace it or choose "
-              "another --output.", file=sys.stderr)
-        return 2
-    try:
-        source = open_documents(args.input, split=args.split, text_field=args.text_field,
-                                data_dir=args.data_dir, on_decode_error=args.on_decode_error)
-    except DataSourceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{model_path} already exists; pass --overwrite to replace it or "
+                          "choose another --output.")
+    cli.check_output_dir(os.path.dirname(args.output) or ".", "--output", args.output)
+    source = open_documents(args.input, split=args.split, text_field=args.text_field,
+                            data_dir=args.data_dir, on_decode_error=args.on_decode_error)
     indices = sample_indices(len(source), args.max_documents)
     print(f"Training {args.model_type} SentencePiece model, vocab_size={args.vocab_size}, on "
           f"{len(indices)} of {len(source)} documents from {source.name}.", flush=True)
@@ -106,9 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   args.vocab_size, model_type=args.model_type,
                                   character_coverage=args.character_coverage)
     except RuntimeError as e:  # SentencePiece reports e.g. a vocab too large for the data
-        print(f"error: SentencePiece training failed: {e}\nIf the vocabulary is too large "
-              "for this corpus, lower --vocab_size or add documents.", file=sys.stderr)
-        return 1
+        raise ConfigError(f"SentencePiece training failed: {str(e).strip()}. If the vocabulary "
+                          "is too large for this corpus, lower --vocab_size or add "
+                          "documents.") from e
     print(f"Wrote {model_path} and {args.output}.vocab in {time.time() - start:.1f}s.")
     print(f"vocab_size: {tok.vocab_size}")
     print(f"special ids: pad={tok.pad_id} unk={tok.unk_id} bos={tok.bos_id} eos={tok.eos_id} "

@@ -17,7 +17,6 @@ nothing else is needed for the usual case (pretrained encoder → encoder + fres
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
 import re
@@ -25,23 +24,28 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+
+from research.checkpoints.errors import (
+    CheckpointMismatchError, CheckpointNotFoundError, MissingParameterError)
+from research.checkpoints.manager import param_shapes, path_str, restore_param_subset
+from research.workdir import read_run_info
 
 AssignmentMap = Sequence[tuple[str, str | None]]
 
 
-def path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+_WHAT_TO_PASS = ("Pass a training workdir (with checkpoints/), its checkpoints/ folder, one "
+                 "step's folder (checkpoints/1000), or a directory written by "
+                 "tools/convert_checkpoint.py.")
 
 
-def resolve(init_checkpoint: str) -> tuple[str, int]:
-    """(Orbax manager directory, step) for a workdir, a checkpoints dir or one step's dir."""
+def resolve(init_checkpoint: str, flag: str = "INIT_CHECKPOINT") -> tuple[str, int]:
+    """(Orbax manager directory, step) for a workdir, a checkpoints dir or one step's dir;
+    `flag` names the setting the path came from in the error messages."""
     path = os.path.abspath(init_checkpoint)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"INIT_CHECKPOINT {init_checkpoint!r} does not exist. Pass a training workdir (with "
-            "checkpoints/), its checkpoints/ folder, one step's folder (checkpoints/1000), or a "
-            "directory written by tools/convert_checkpoint.py.")
+    if not os.path.isdir(path):
+        problem = "is a file, not a directory" if os.path.exists(path) else "does not exist"
+        raise CheckpointNotFoundError(
+            f"{flag} {init_checkpoint!r} {problem}. {_WHAT_TO_PASS}")
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
     name = os.path.basename(path)
@@ -50,29 +54,20 @@ def resolve(init_checkpoint: str) -> tuple[str, int]:
     steps = sorted(int(d) for d in os.listdir(path)
                    if d.isdigit() and os.path.isdir(os.path.join(path, d, "params")))
     if not steps:
-        raise FileNotFoundError(f"INIT_CHECKPOINT {init_checkpoint!r} holds no complete checkpoint "
-                                "(no <step>/params folder).")
+        raise CheckpointNotFoundError(
+            f"{flag} {init_checkpoint!r} holds no complete checkpoint (no "
+            f"<step>/params folder). {_WHAT_TO_PASS}")
     return path, steps[-1]
 
 
-def run_info(init_checkpoint: str) -> dict | None:
+def run_info(init_checkpoint: str, flag: str = "INIT_CHECKPOINT") -> dict | None:
     """The run.json next to a checkpoint (model config, vocab), if there is one."""
-    directory, _ = resolve(init_checkpoint)
+    directory, _ = resolve(init_checkpoint, flag)
     for candidate in (os.path.dirname(directory), directory):
-        f = os.path.join(candidate, "run.json")
-        if os.path.exists(f):
-            with open(f, encoding="utf-8") as fh:
-                return json.load(fh)
+        info = read_run_info(candidate)
+        if info is not None:
+            return info
     return None
-
-
-def checkpoint_shapes(directory: str, step: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """{path: (shape, dtype)} of the parameters stored at `step`."""
-    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(directory, str(step), "params"))
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {path_str(p): (tuple(m.shape), m.dtype) for p, m in flat}
 
 
 def plan(target_abstract: Any, source_shapes: dict, assignment_map: AssignmentMap) -> dict[str, str]:
@@ -95,14 +90,14 @@ def plan(target_abstract: Any, source_shapes: dict, assignment_map: AssignmentMa
         src = mapping[target]
         if src not in source_shapes:
             close = difflib.get_close_matches(src, list(source_shapes), n=3)
-            raise KeyError(
+            raise MissingParameterError(
                 f"parameter {target!r} maps to {src!r}, which the checkpoint does not have"
                 + (f" (closest: {close})" if close else "")
                 + ". Fix the assignment map (a rule `(regex, None)` keeps a parameter freshly "
                 "initialised) or use a checkpoint of the same architecture.")
         shape = source_shapes[src][0]
         if tuple(shape) != tuple(leaf.shape):
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"parameter {target!r} has shape {tuple(leaf.shape)} in the model but "
                 f"{src!r} has shape {tuple(shape)} in the checkpoint. The model config must match "
                 "the pretrained one (layers, d_model, heads, MLP, vocab size, max_len, scan_layers).")
@@ -116,11 +111,12 @@ def restore_into(params: Any, init_checkpoint: str, assignment_map: AssignmentMa
     leaves keep its shardings and dtypes.
     """
     directory, step = resolve(init_checkpoint)
-    shapes = checkpoint_shapes(directory, step)
+    shapes = param_shapes(directory, step)
     mapping = plan(params, shapes, assignment_map)
     if not mapping:
-        raise ValueError(f"the assignment map restores nothing from {init_checkpoint!r}; check "
-                         "its regexes against the parameter paths.")
+        raise CheckpointMismatchError(
+            f"the assignment map restores nothing from {init_checkpoint!r}; check its regexes "
+            "against the parameter paths.")
     targets = dict((path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0])
     item: dict = {}
     for target, source in mapping.items():
@@ -130,10 +126,7 @@ def restore_into(params: Any, init_checkpoint: str, assignment_map: AssignmentMa
         for key in parents:
             node = node.setdefault(key, {})
         node[last] = jax.ShapeDtypeStruct(leaf.shape, shapes[source][1], sharding=leaf.sharding)
-    restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(directory, str(step), "params"), args=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True))
+    restored = restore_param_subset(directory, step, item)
     flat_restored = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
     def pick(p, leaf):
@@ -155,10 +148,12 @@ def check_vocab(init_checkpoint: str, tokenizer_vocab_size: int, model_vocab_siz
         return
     ckpt_vocab = info.get("model_config", {}).get("vocab_size")
     if ckpt_vocab is not None and ckpt_vocab != model_vocab_size:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"VOCAB has {tokenizer_vocab_size} pieces (model vocab {model_vocab_size}) but "
             f"INIT_CHECKPOINT was trained with vocab size {ckpt_vocab} ({info.get('vocab')}). "
             "Use the pretraining run's tokenizer: --gin.VOCAB=\"'" + str(info.get("vocab")) + "'\".")
     if tokenizer_vocab_size > (ckpt_vocab or np.inf):
-        raise ValueError(f"VOCAB has {tokenizer_vocab_size} pieces, more than the checkpoint's "
-                         f"{ckpt_vocab}-row embedding.")
+        raise CheckpointMismatchError(
+            f"VOCAB has {tokenizer_vocab_size} pieces, more than the checkpoint's "
+            f"{ckpt_vocab}-row embedding. Use the pretraining run's tokenizer: "
+            f"--gin.VOCAB=\"'{info.get('vocab')}'\".")

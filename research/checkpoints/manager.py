@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the train state, data position and RNG.
+"""Orbax checkpoints of the train state, data position and RNG: the one module that calls Orbax.
 
 Layout: `DIR/checkpoints/<step>/{params,opt_state,extra}`. `params` and `opt_state` are
 sharded arrays (each host writes its shards; restore reshards onto whatever mesh the target
@@ -6,6 +6,12 @@ shardings describe); `extra` is JSON: step, RNG key data and every process's dat
 state (a run with another process count restores their merge, `merge_data_states`). Orbax
 writes each step to a temporary directory and renames it when complete, so an interrupted
 save is never restored (and `Checkpointer` deletes its leftovers on opening).
+
+Besides `Checkpointer` (the training run's checkpoints) and `BestCheckpoint` (DIR/best), the
+params-only functions serve fine-tuning (research.checkpoints.init_from) and the Hugging Face
+converter (research.checkpoints.hf): `param_shapes`, `restore_param_subset`,
+`restore_params_on_host` and `save_params`. Parameter paths are slash-separated
+(`encoder/layer_0/attention/query/kernel`, `path_str`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from research.checkpoints.errors import UnknownMetricError
+from research.data import bert_pretraining, causal_lm
+from research.errors import CheckpointSaveError, ConfigMismatchError
+from research.training.preemption import resume_command
+from research.workdir import read_json, write_text
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -45,9 +57,10 @@ def allgather_json(obj: Any) -> list[Any]:
     return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(gathered, size.reshape(-1))]
 
 
-# Data-iterator kinds whose per-process states merge into one for any process count.
-_STATE_MERGERS = {"causal_lm": "research.data.causal_lm",
-                  "bert_pretraining": "research.data.bert_pretraining"}
+# Data-iterator kinds whose per-process states merge into one for any process count:
+# {state["kind"]: merge_states(states) -> state}.
+_STATE_MERGERS = {"causal_lm": causal_lm.merge_states,
+                  "bert_pretraining": bert_pretraining.merge_states}
 
 
 def merge_data_states(states: list[Any], where: str = "the checkpoint") -> Any:
@@ -57,17 +70,14 @@ def merge_data_states(states: list[Any], where: str = "the checkpoint") -> Any:
     layout (classification) are equal and returned as is; per-row states (causal_lm,
     bert_pretraining) are concatenated into one covering every row, from which each
     process's `set_state` takes its own rows. Anything else is refused (ConfigMismatchError)."""
-    import importlib
-
-    from research.errors import ConfigMismatchError
     if all(s == states[0] for s in states):
         return states[0]
     kind = states[0].get("kind") if isinstance(states[0], dict) else None
-    module = _STATE_MERGERS.get(kind)
+    merge = _STATE_MERGERS.get(kind)
     try:
-        if module is None:
+        if merge is None:
             raise ValueError(f"data-iterator state kind {kind!r} has no merge rule")
-        return importlib.import_module(module).merge_states(states)
+        return merge(states)
     except ValueError as err:
         raise ConfigMismatchError(
             f"{where} was written by {len(states)} processes and this run has "
@@ -147,8 +157,6 @@ class Checkpointer:
     def _save_failed(self, step: int | None, err: Exception) -> Exception:
         """Removes what the failed save of `step` left, and returns the error to raise: the
         reason, the intact earlier checkpoint, and what to do."""
-        from research.errors import CheckpointSaveError
-        from research.training.preemption import resume_command
         self._in_flight = None
         try:
             self.manager.wait_until_finished()  # let the save's other writers stop
@@ -257,10 +265,7 @@ class BestCheckpoint:
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
             item_names=("params",))
         self.record_path = os.path.join(self.directory, "best.json")
-        self.record = None
-        if os.path.exists(self.record_path):
-            with open(self.record_path, encoding="utf-8") as f:
-                self.record = json.load(f)
+        self.record = read_json(self.record_path)
 
     def exists(self) -> bool:
         return self.manager.latest_step() is not None
@@ -273,9 +278,10 @@ class BestCheckpoint:
     def update(self, step: int, params: Any, metrics: dict[str, float]) -> bool:
         """Saves `params` if `metrics[metric]` beats the best so far. Collective."""
         if self.metric not in metrics:
-            raise KeyError(f"best-checkpoint metric {self.metric!r} is not among the eval metrics "
-                           f"{sorted(k for k in metrics if k.startswith('eval/'))}; set "
-                           "train.best_metric to one of them.")
+            raise UnknownMetricError(
+                f"best-checkpoint metric {self.metric!r} is not among the eval metrics "
+                f"{sorted(k for k in metrics if k.startswith('eval/'))}; set "
+                "train.best_metric to one of them.")
         value = float(metrics[self.metric])
         if not self._better(value):
             return False
@@ -284,9 +290,7 @@ class BestCheckpoint:
         self.manager.wait_until_finished()
         self.record = {"step": int(step), "metric": self.metric, "value": value}
         if jax.process_index() == 0:
-            with open(self.record_path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(self.record, f)
-            os.replace(self.record_path + ".tmp", self.record_path)
+            write_text(self.record_path, json.dumps(self.record))
         return True
 
     def restore(self, abstract_params: Any) -> Any:
@@ -297,3 +301,63 @@ class BestCheckpoint:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# ----------------------------------------------------------------- params-only checkpoints ---
+
+
+def path_str(path: tuple) -> str:
+    """The slash path (`encoder/layer_0/mlp/wi/kernel`) of a jax.tree_util key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def params_dir(directory: str, step: int) -> str:
+    """`directory/<step>/params`: one step's parameters in a checkpoints directory."""
+    return os.path.join(directory, str(step), "params")
+
+
+def _params_metadata(directory: str, step: int) -> Any:
+    """The nested tree of array metadata (.shape, .dtype) of the parameters stored at `step`."""
+    meta = ocp.PyTreeCheckpointer().metadata(params_dir(directory, step))
+    tree = getattr(meta, "item_metadata", meta)
+    return getattr(tree, "tree", tree)
+
+
+def param_shapes(directory: str, step: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{slash path: (shape, dtype)} of the parameters stored at `step` (nothing is read but
+    the metadata)."""
+    flat = jax.tree_util.tree_flatten_with_path(_params_metadata(directory, step))[0]
+    return {path_str(p): (tuple(m.shape), m.dtype) for p, m in flat}
+
+
+def restore_param_subset(directory: str, step: int, item: dict) -> dict:
+    """Reads only the parameters `item` names (a nested dict of jax.ShapeDtypeStruct with
+    shardings, a subset of the stored tree) directly onto those shardings and dtypes."""
+    return ocp.PyTreeCheckpointer().restore(
+        params_dir(directory, step), args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True))
+
+
+def restore_params_on_host(directory: str, step: int) -> dict:
+    """Every parameter stored at `step` as a nested dict of host numpy arrays."""
+    tree = _params_metadata(directory, step)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ocp.PyTreeCheckpointer().restore(
+        params_dir(directory, step), args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def save_params(directory: str, params: dict, step: int = 0) -> None:
+    """Writes a params-only checkpoint, `directory/<step>/params`, in the layout `Checkpointer`
+    writes (CheckpointManager, Composite item `params`), so `Checkpointer.restore_params`,
+    INIT_CHECKPOINT and research.generate read it. `params` (nested dict of arrays) is saved
+    from the host CPU."""
+    cpu = jax.devices("cpu")[0]
+    tree = jax.tree.map(lambda x: jax.device_put(x, cpu), params)
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+        item_names=("params",))
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(tree)), force=True)
+    manager.wait_until_finished()
+    manager.close()

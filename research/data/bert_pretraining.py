@@ -18,7 +18,8 @@ seed=...)` yields dicts of padded features batched to `[global_batch_size // pro
 Data order, identical for any process count:
 
 * the infinite document order is the concatenation over epochs e of
-  perm_e = `np.random.default_rng([seed, e]).permutation(N)` (identity without shuffling);
+  perm_e = `np.random.default_rng([seed, e]).permutation(N)` (identity without shuffling;
+  `research.data.order`);
 * row r of every global batch (B rows) comes from row stream r, which takes the documents
   at global positions r, r + B, r + 2B, ...;
 * a row stream works in windows of `shuffle_window_docs` of its documents: it generates
@@ -38,7 +39,6 @@ other process count.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,6 +49,8 @@ from research.data.bert_instances import (
     empty_features, pack_sentences, pair_tokens, single_segment_tokens, split_sentences,
     write_features)
 from research.data.masking import MaskingVocab, create_masked_lm_predictions
+from research.data.order import EpochOrder
+from research.errors import ConfigError
 
 __all__ = [
     "FEATURES", "BertDataConfig", "BertInstanceFactory", "BertPretrainingIterator",
@@ -108,7 +110,7 @@ class BertDataConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
         object.__setattr__(self, "seed", int(self.seed))  # numpy ints -> JSON-friendly state
 
     @property
@@ -119,24 +121,6 @@ class BertDataConfig:
     def duplicate(self, epoch: int) -> int:
         """Which masking duplicate epoch `epoch` uses: itself, or epoch % dupe_factor."""
         return epoch if self.dupe_factor is None else epoch % self.dupe_factor
-
-
-class DocumentOrder:
-    """Global position g -> (epoch, document index) of the infinite document order."""
-
-    def __init__(self, num_documents: int, seed: int, shuffled: bool):
-        self.num_documents = num_documents
-        self.seed = seed
-        self.shuffled = shuffled
-        self._permutation = functools.lru_cache(maxsize=4)(self._make_permutation)
-
-    def _make_permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_documents)
-
-    def locate(self, position: int) -> tuple[int, int]:
-        epoch, offset = divmod(position, self.num_documents)
-        doc = int(self._permutation(epoch)[offset]) if self.shuffled else offset
-        return epoch, doc
 
 
 class BertInstanceFactory:
@@ -197,7 +181,7 @@ class WindowSource:
         self.factory = factory
         self.config = config
         self.num_documents = num_documents
-        self.order = DocumentOrder(num_documents, config.seed, config.shuffled)
+        self.order = EpochOrder(num_documents, config.seed, config.shuffled)
 
     def stream_length(self, row: int) -> int | None:
         """Documents in row stream `row`: None (infinite) when repeating."""
@@ -279,7 +263,7 @@ class RowStream:
                 return start, instances
             scanned += self.step
             if scanned > limit:
-                raise ValueError(
+                raise ConfigError(
                     f"row stream {self.row} scanned {scanned} documents without one training "
                     "instance: the documents are empty (or this row only ever sees empty "
                     "ones). Check the corpus, or use shuffle=True.")
@@ -321,7 +305,7 @@ class BertPretrainingIterator:
                            seed=config.seed, process_index=process_index,
                            process_count=process_count)
         if len(documents) == 0:
-            raise ValueError("documents is empty: BERT pretraining needs at least one document.")
+            raise ConfigError("documents is empty: BERT pretraining needs at least one document.")
         self.config = config
         self.tokenizer = tokenizer
         self.num_documents = len(documents)
@@ -375,8 +359,9 @@ class BertPretrainingIterator:
         if differing:
             saved = state["config"]
             changes = ", ".join(f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in differing)
-            raise ValueError(f"BERT data state was saved with a different configuration "
-                             f"({changes}); resume with the original settings.")
+            raise ConfigError(f"BERT data state was saved with a different configuration "
+                              f"({changes}); resume with the original settings, or start the "
+                              "data from scratch.")
         first = self.row_offset - state["row_offset"]
         rows = state["rows"][first:first + self.local_batch_size] if first >= 0 else []
         if len(rows) != self.local_batch_size:

@@ -8,7 +8,8 @@ Each document is tokenised as `toks` and becomes the pair
 Row streams. The global batch has B = global_batch_size rows; row r of every global batch
 is filled by an independent row stream r. The (infinite) document order is the
 concatenation over epochs e = 0, 1, 2, ... of a permutation perm_e of range(N), drawn from
-`np.random.default_rng([seed, e])` (identity without shuffle). Row stream r consumes the
+`np.random.default_rng([seed, e])` (identity without shuffle; `research.data.order`). Row
+stream r consumes the
 documents at global positions r, r + B, r + 2B, ... of that order and packs their pairs
 greedily: a row is the contiguous token stream of its documents cut into windows of
 seq_len, so a document that does not fit continues in the row's next batch (as a new
@@ -39,9 +40,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from research.data.batching import check_batch_layout, check_int
+from research.data.order import EpochOrder
+from research.data.sources import open_documents
+from research.errors import ConfigError
 
 STATE_VERSION = 1
-_PERM_CACHE_SIZE = 4
 Batch = dict[str, np.ndarray]
 
 
@@ -76,7 +79,7 @@ class CausalLMIterator:
                              "a causal-LM iterator needs at least one document.")
         for attr in ("bos_id", "eos_id", "pad_id"):
             if getattr(tokenizer, attr, -1) is None or getattr(tokenizer, attr, -1) < 0:
-                raise ValueError(
+                raise ConfigError(
                     f"Tokenizer has no {attr[:-3]} piece ({attr}={getattr(tokenizer, attr, None)})"
                     "; retrain it with tools/train_tokenizer.py, which adds <s>, </s> and [PAD].")
         self.source = source
@@ -92,7 +95,7 @@ class CausalLMIterator:
         per_host = global_batch_size // process_count
         self.rows = np.arange(process_index * per_host, (process_index + 1) * per_host)
         self._positions = np.arange(seq_len, dtype=np.int32)
-        self._perms: dict[int, np.ndarray] = {}
+        self.order = EpochOrder(self.num_documents, self.seed, self.shuffle)
         # Producer-side cursor: per owned row, next position index k and token offset.
         self._k = np.zeros(per_host, dtype=np.int64)
         self._off = np.zeros(per_host, dtype=np.int64)
@@ -105,22 +108,12 @@ class CausalLMIterator:
 
     # ----------------------------------------------------------------- document order
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_documents)
-            if len(self._perms) >= _PERM_CACHE_SIZE:
-                del self._perms[min(self._perms)]
-            self._perms[epoch] = perm
-        return perm
-
     def document_index(self, row: int, k: int) -> int | None:
         """Index into `source` of row stream `row`'s k-th document (None: eval pass over)."""
-        g = row + k * self.global_batch_size
-        epoch, j = divmod(g, self.num_documents)
+        epoch, doc = self.order.locate(row + k * self.global_batch_size)
         if epoch > 0 and not self.repeat:
             return None
-        return int(self._perm(epoch)[j]) if self.shuffle else j
+        return doc
 
     def _pair(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(inputs, targets) int32[len(toks) + 1] of owned row i's current document."""
@@ -268,8 +261,9 @@ class CausalLMIterator:
         `merge_states` of every host's state restores any process count.
 
         Raises:
-          ValueError: if the state belongs to a different seq_len / batch size / seed /
-            corpus size, does not cover this host's rows, or is malformed.
+          ConfigError: if the state belongs to a different seq_len / batch size / seed /
+            corpus size (the user changed the run or its data).
+          ValueError: if the state does not cover this host's rows, or is malformed.
         """
         if not isinstance(state, dict):
             raise ValueError(f"Causal-LM iterator state must be a dict, got "
@@ -278,7 +272,7 @@ class CausalLMIterator:
         mismatched = [f"{key}: state has {state.get(key)!r}, iterator has {value!r}"
                       for key, value in expected.items() if state.get(key) != value]
         if mismatched:
-            raise ValueError(
+            raise ConfigError(
                 "Cannot restore causal-LM iterator state saved under a different "
                 "configuration (" + "; ".join(mismatched) + "). Resume with the same "
                 "seq_len, global_batch_size, seed, shuffle/repeat and dataset, or start the "
@@ -395,7 +389,5 @@ def make_causal_lm_iterator_from_spec(spec: str, tokenizer: TokenizerLike,
     `open_documents` (unset ones fall back to its gin bindings); the rest to
     `make_causal_lm_iterator`.
     """
-    from research.data.sources import open_documents
-
     source_kwargs = {k: kwargs.pop(k) for k in _SOURCE_KWARGS if k in kwargs}
     return make_causal_lm_iterator(open_documents(spec, **source_kwargs), tokenizer, **kwargs)

@@ -19,10 +19,17 @@ File formats:
 
 Invalid UTF-8: with `on_decode_error='strict'` a `DataSourceError` names the file and byte
 offset; with `'skip'` the offending documents are skipped and counted in the log.
+
+Output: one line of our own says where the dataset is built or reused. TFDS's chatter
+while opening or building it (absl's "Using custom data configuration" and "Variant
+folder ... has no dataset_info.json", the "Downloading and preparing dataset" banner --
+nothing is downloaded -- and its progress bars) is silenced at the source (`quiet_tfds`);
+its other warnings pass through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,6 +39,8 @@ from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
+from research.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 BUILDER_NAME = "research_local_documents"
@@ -40,8 +49,10 @@ FORMATS = ("text", "jsonl")
 DECODE_ERROR_MODES = ("strict", "skip")
 
 
-class DataSourceError(ValueError):
-    """A document source cannot be opened or parsed; the message names the fix."""
+class DataSourceError(ConfigError):
+    """A data spec or the data it names cannot be used (bad spec, a glob matching nothing,
+    a missing field or column, an unprepared TFDS dataset, ...); the message names the
+    culprit and the fix. A ConfigError: the CLIs print one `error:` line and exit 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,22 +274,76 @@ class LocalDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if n == 0:
             raise _EmptyCorpus()
 
+    # TFDS prints a "Downloading and preparing dataset" banner before a build and a
+    # "downloaded and prepared" one after it, straight to stdout. Nothing is downloaded
+    # here and `prepare_local_dataset` logs its own line, so both are silent.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
+
+# absl warnings TFDS emits while opening or building a dataset, none of them actionable:
+# a `LocalDocuments` config is ours by design, and a dataset that is not prepared yet has a
+# folder without dataset_info.json (for `tfds:` specs our own error says how to prepare it).
+_TFDS_NOISE = ("Using custom data configuration", "Variant folder ")
+
+
+class _DropTfdsNoise(logging.Filter):
+    """Drops TFDS's info lines ("Generating dataset", "Done writing", ...) and the warnings
+    of `_TFDS_NOISE`; every other warning and error passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return False
+        return not (isinstance(record.msg, str) and record.msg.startswith(_TFDS_NOISE))
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+    """Silences TFDS's chatter while we open or build a dataset; its other warnings pass.
+
+    TFDS progress bars are turned off for the process: it builds no TFDS dataset but its
+    own `LocalDocuments` (`tfds:` specs are read, never downloaded or built).
+    """
+    absl_logger = logging.getLogger("absl")
+    noise = _DropTfdsNoise()
+    absl_logger.addFilter(noise)
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(noise)
+
 
 def prepare_local_dataset(corpus: LocalCorpus, data_dir: str, *,
                           file_format: str = "array_record") -> LocalDocuments:
     """Builds (or reuses) the cached TFDS dataset of `corpus`; returns its prepared builder.
 
+    Logs one line saying where the dataset is built or reused; TFDS's own chatter about the
+    build is silenced (module docstring).
+
     Raises DataSourceError for unreadable files, invalid input, or a corpus with no
     documents.
     """
     fingerprint = corpus.fingerprint()
-    builder = LocalDocuments(corpus=corpus, fingerprint=fingerprint, data_dir=data_dir)
-    if builder.is_prepared():
-        log.info("Reusing cached local dataset %s (%d file(s), unchanged).",
-                 builder.data_dir, len(corpus.paths))
-        return builder
-    log.info("Building local dataset %s from %d %s file(s) (new or changed input).",
-             builder.data_dir, len(corpus.paths), corpus.fmt)
+    with quiet_tfds():
+        builder = LocalDocuments(corpus=corpus, fingerprint=fingerprint, data_dir=data_dir)
+        if builder.is_prepared():
+            log.info("Reusing cached local dataset %s (%d file(s), unchanged).",
+                     builder.data_dir, len(corpus.paths))
+            return builder
+        log.info("Building local dataset %s from %d %s file(s) (new or changed input; later "
+                 "runs reuse it while the files are unchanged).", builder.data_dir,
+                 len(corpus.paths), corpus.fmt)
+        return _build(builder, corpus, fingerprint, data_dir, file_format)
+
+
+def _build(builder: LocalDocuments, corpus: LocalCorpus, fingerprint: str, data_dir: str,
+           file_format: str) -> LocalDocuments:
+    """Runs the TFDS build of `builder`; returns the prepared builder (ours, or another
+    process's that won the race to finish the same build)."""
     try:
         builder.download_and_prepare(
             file_format=file_format,

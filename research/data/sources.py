@@ -32,9 +32,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import gin
+import tensorflow_datasets as tfds
 
 from research.data.local_builder import (DECODE_ERROR_MODES, DataSourceError, LocalCorpus,
-                                         prepare_local_dataset)
+                                         prepare_local_dataset, quiet_tfds)
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,6 @@ def expand_glob(pattern: str, prefix: str = "text") -> tuple[str, ...]:
     return tuple(sorted(os.path.abspath(p) for p in matches))
 
 
-
 def tfds_data_source(builder, split: str, build_name: str, label: str):
     """Random access to a prepared TFDS split, or None when it is prepared only as tfrecord
     (the caller then reads it in order). Never downloads: an unprepared dataset or a bad split
@@ -217,7 +217,9 @@ def tfds_data_source(builder, split: str, build_name: str, label: str):
     try:
         return builder.as_data_source(split=split)
     except (NotImplementedError, ValueError, KeyError) as e:
-        if not builder.is_prepared():
+        with quiet_tfds():
+            prepared = builder.is_prepared()
+        if not prepared:
             raise DataSourceError(
                 f"TFDS dataset {builder.name!r} is not prepared in {builder.data_dir!r}; this "
                 "code never downloads. Prepare it once on a machine with network access, e.g. "
@@ -228,13 +230,12 @@ def tfds_data_source(builder, split: str, build_name: str, label: str):
                                   f"(available: {list(builder.info.splits)}).") from e
         return None
 
+
 def tfds_builder(rest: str, split: str | None, data_dir: str | None, example: str):
     """Parses `NAME[/CONFIG][:VERSION][:SPLIT]` and opens the builder (never downloads).
 
     Returns (builder, spec match, name, split, label such as 'tfds:glue/sst2:validation').
     """
-    import tensorflow_datasets as tfds
-
     m = _TFDS_SPEC.match(rest)
     if not m:
         raise DataSourceError(f"Cannot parse 'tfds:{rest}'; expected "
@@ -245,7 +246,8 @@ def tfds_builder(rest: str, split: str | None, data_dir: str | None, example: st
                               "was also passed; give the split in one place only.")
     split = m["split"] or split or "train"
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        with quiet_tfds():
+            builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError, bad config/version
         raise DataSourceError(
             f"TFDS dataset {name!r} not found ({type(e).__name__}: {str(e)[:300]}). Check the "
@@ -273,8 +275,6 @@ def _open_tfds(rest: str, *, split: str | None, text_field: str, data_dir: str |
 
 def _read_tfrecord_into_memory(builder, split: str, text_field: str, label: str,
                                on_decode_error: str) -> DocumentSource:
-    import tensorflow_datasets as tfds
-
     log.warning(
         "%s is prepared only as tfrecord, which has no random access: reading the whole "
         "split into memory once. For large datasets prepare it with file_format="

@@ -17,46 +17,30 @@ import os
 import numpy as np
 import sentencepiece as spm
 
+from research.data.tokenizer_base import SpecialPieces, VocabError, check_vocab_path
+from research.data.wordpiece import WordPieceTokenizer
+
 PAD_PIECE = "[PAD]"
 UNK_PIECE = "<unk>"
 BOS_PIECE = "<s>"
 EOS_PIECE = "</s>"
 CONTROL_PIECES = ("[CLS]", "[SEP]", "[MASK]")
 WORD_START = "\u2581"  # SentencePiece's word-boundary marker
-
-
-class SpecialPieces:
-    """What both tokenizers (SentencePiece here, WordPiece in wordpiece.py) share: the special
-    ids (-1 when absent) and decoding without them. Subclasses set `pad_id`, `bos_id`,
-    `eos_id`, `cls_id`, `sep_id`, `mask_id` and implement `_decode_ids(list[int]) -> str`."""
-
-    @property
-    def special_ids(self) -> frozenset[int]:
-        """Ids that are never real text (pad, bos, eos, cls, sep, mask; unk excluded)."""
-        ids = {self.pad_id, self.bos_id, self.eos_id, self.cls_id, self.sep_id, self.mask_id}
-        return frozenset(i for i in ids if i >= 0)
-
-    def missing_special(self, names) -> list[str]:
-        """The named special pieces (`"bos"`, `"cls"`, ...) this vocabulary lacks."""
-        return [n for n in names if getattr(self, f"{n}_id") < 0]
-
-    def decode(self, ids) -> str:
-        """Text of `ids` (any shape), special ids dropped."""
-        flat = [int(i) for i in np.asarray(ids).reshape(-1)]
-        return self._decode_ids([i for i in flat if i not in self.special_ids])
+HOW_TO_TRAIN = ("Train one with `python tools/train_tokenizer.py --input=SPEC --vocab_size=N "
+                "--output=PREFIX` and pass --gin.VOCAB=\"'PREFIX.model'\" (or a BERT vocab.txt).")
 
 
 class Tokenizer(SpecialPieces):
     """A loaded SentencePiece model and the ids of its special pieces."""
 
     def __init__(self, model_path: str):
-        if not os.path.exists(model_path):
-            raise FileNotFoundError(
-                f"VOCAB {model_path!r} does not exist. Train one with "
-                "`python tools/train_tokenizer.py --input=SPEC --vocab_size=N --output=PREFIX` "
-                "and pass --gin.VOCAB=\"'PREFIX.model'\".")
+        check_vocab_path(model_path, HOW_TO_TRAIN)
         self.path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as err:  # "could not parse ModelProto"
+            raise VocabError(f"VOCAB {model_path!r} is not a SentencePiece model ({err}). "
+                             f"{HOW_TO_TRAIN}") from err
         self.vocab_size: int = self.sp.get_piece_size()
         self.pad_id = self._special(PAD_PIECE, self.sp.pad_id())
         self.unk_id = self.sp.unk_id()
@@ -76,7 +60,7 @@ class Tokenizer(SpecialPieces):
         """Raise a clear error if this model lacks one of the named special pieces."""
         missing = self.missing_special(names)
         if missing:
-            raise ValueError(
+            raise VocabError(
                 f"SentencePiece model {self.path!r} has no {', '.join(missing)} piece(s), "
                 "which this objective needs. Retrain it with tools/train_tokenizer.py, which "
                 f"adds {PAD_PIECE}, {BOS_PIECE}, {EOS_PIECE} and {', '.join(CONTROL_PIECES)}.")
@@ -109,10 +93,9 @@ class Tokenizer(SpecialPieces):
 
 
 @functools.lru_cache(maxsize=8)
-def load_tokenizer(model_path: str) -> Tokenizer:
+def load_tokenizer(model_path: str) -> Tokenizer | WordPieceTokenizer:
     """A SentencePiece `.model`, or a BERT WordPiece `vocab.txt` (`*.txt`, same interface)."""
     if model_path.endswith(".txt"):
-        from research.data.wordpiece import WordPieceTokenizer
         return WordPieceTokenizer(model_path)
     return Tokenizer(model_path)
 

@@ -28,13 +28,17 @@ import os
 from typing import Any
 
 import numpy as np
+from tokenizers import BertWordPieceTokenizer
+from tokenizers.models import WordPiece
 
-from research.data.tokenizer import SpecialPieces
+from research.data.tokenizer_base import SpecialPieces, VocabError, check_vocab_path
 
 PAD_PIECE, UNK_PIECE, CLS_PIECE = "[PAD]", "[UNK]", "[CLS]"
 SEP_PIECE, MASK_PIECE = "[SEP]", "[MASK]"
 CONTINUATION = "##"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+WHERE_FROM = ("A WordPiece VOCAB is the vocab.txt of a BERT checkpoint "
+              "(tools/convert_checkpoint.py records it in run.json).")
 
 
 def hf_tokenizer_options(vocab_path: str) -> dict[str, Any]:
@@ -68,18 +72,13 @@ class WordPieceTokenizer(SpecialPieces):
     """
 
     def __init__(self, vocab_path: str, lowercase: bool | None = None):
-        if not os.path.exists(vocab_path):
-            raise FileNotFoundError(
-                f"VOCAB {vocab_path!r} does not exist. A WordPiece VOCAB is the vocab.txt of a "
-                "BERT checkpoint (tools/convert_checkpoint.py records it in run.json).")
-        try:
-            from tokenizers import BertWordPieceTokenizer
-            from tokenizers.models import WordPiece
-        except ImportError as e:
-            raise ImportError("WordPiece vocabularies (VOCAB=*.txt) need the `tokenizers` "
-                              "package: pip install tokenizers") from e
+        check_vocab_path(vocab_path, WHERE_FROM)
         self.path = vocab_path
-        vocab = WordPiece.read_file(vocab_path)
+        try:
+            vocab = WordPiece.read_file(vocab_path)
+        except Exception as err:  # noqa: BLE001 - the Rust reader raises a plain Exception
+            raise VocabError(f"VOCAB {vocab_path!r} is not a WordPiece vocab.txt (one piece "
+                             f"per line) ({err}). {WHERE_FROM}") from err
         options = hf_tokenizer_options(vocab_path)
         if lowercase is not None:
             options["lowercase"] = lowercase
@@ -92,7 +91,7 @@ class WordPieceTokenizer(SpecialPieces):
         self.lowercase: bool = bool(options["lowercase"])
         missing = [p for p in (UNK_PIECE, CLS_PIECE, SEP_PIECE) if p not in vocab]
         if missing:
-            raise ValueError(f"WordPiece vocabulary {vocab_path!r} lacks {missing}; a BERT "
+            raise VocabError(f"WordPiece vocabulary {vocab_path!r} lacks {missing}; a BERT "
                              "vocab.txt has [PAD], [UNK], [CLS], [SEP] and [MASK] lines.")
         self._tok = BertWordPieceTokenizer(vocab, wordpieces_prefix=CONTINUATION, **options)
         self._tok._tokenizer.encode_special_tokens = True  # "[MASK]" in text stays text
@@ -115,11 +114,11 @@ class WordPieceTokenizer(SpecialPieces):
         if not missing:
             return
         if set(missing) & {"bos", "eos"}:
-            raise ValueError(
+            raise VocabError(
                 f"WordPiece vocabulary {self.path!r} has no {', '.join(missing)} piece(s): BERT "
                 "vocabularies have no BOS/EOS, which this objective needs. Use a SentencePiece "
                 "VOCAB from tools/train_tokenizer.py (or an encoder objective).")
-        raise ValueError(f"WordPiece vocabulary {self.path!r} has no "
+        raise VocabError(f"WordPiece vocabulary {self.path!r} has no "
                          f"{', '.join(f'[{n.upper()}]' for n in missing)} line(s), which this "
                          "objective needs; add them to vocab.txt.")
 

@@ -27,28 +27,16 @@ P(tensor, fsdp) [V, D] embedding. tests/test_bert_model.py guards the chosen lay
 from __future__ import annotations
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from research.models.transformer import Norm, TransformerConfig, TransformerStack, gelu_exact
+from research.errors import ConfigError
+from research.models.layers import Norm, constrain, gelu_exact, normal_init, zeros_init
+from research.models.transformer import TransformerConfig, TransformerStack, analytic_param_count
 
 Array = jax.Array
 
 NUM_NSP_CLASSES = 2
-
-
-def _normal(cfg: TransformerConfig, axes: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
-
-
-def _zeros(axes: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
-def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
-    return nn.with_logical_constraint(x, axes)
 
 
 def gather_positions(sequence: Array, positions: Array) -> Array:
@@ -74,23 +62,26 @@ class BertPretrainer(nn.Module):
     def setup(self):
         cfg = self.cfg
         if cfg.causal:
-            raise ValueError("BertPretrainer needs a bidirectional encoder: set "
-                             "TransformerConfig.causal = False (configs/models/bert_*.gin do).")
+            raise ConfigError("BertPretrainer needs a bidirectional encoder: set "
+                              "TransformerConfig.causal = False (configs/models/bert_*.gin do).")
         dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         self.encoder = TransformerStack(cfg, name="encoder")
-        self.pooler = nn.Dense(cfg.d_model, kernel_init=_normal(cfg, ("mlp", "embed")),
-                               bias_init=_zeros(("embed",)), name="pooler", **dense)
-        self.mlm_transform = nn.Dense(cfg.d_model, kernel_init=_normal(cfg, ("mlp", "embed")),
-                                      bias_init=_zeros(("embed",)), name="mlm_transform", **dense)
+        self.pooler = nn.Dense(cfg.d_model, kernel_init=normal_init(cfg.init_std, ("mlp", "embed")),
+                               bias_init=zeros_init(("embed",)), name="pooler", **dense)
+        self.mlm_transform = nn.Dense(cfg.d_model,
+                                      kernel_init=normal_init(cfg.init_std, ("mlp", "embed")),
+                                      bias_init=zeros_init(("embed",)), name="mlm_transform",
+                                      **dense)
         self.mlm_norm = Norm(cfg, name="mlm_norm")
-        self.mlm_output_bias = self.param("mlm_output_bias", _zeros(("vocab",)),
+        self.mlm_output_bias = self.param("mlm_output_bias", zeros_init(("vocab",)),
                                           (cfg.vocab_size,), cfg.params_dtype)
         if not cfg.tie_embeddings:
             self.mlm_output = nn.Dense(cfg.vocab_size, use_bias=False,
-                                       kernel_init=_normal(cfg, ("embed", "vocab")),
+                                       kernel_init=normal_init(cfg.init_std, ("embed", "vocab")),
                                        name="mlm_output", **dense)
-        self.nsp = nn.Dense(NUM_NSP_CLASSES, kernel_init=_normal(cfg, ("embed", "classes")),
-                            bias_init=_zeros(("classes",)), name="nsp", **dense)
+        self.nsp = nn.Dense(NUM_NSP_CLASSES,
+                            kernel_init=normal_init(cfg.init_std, ("embed", "classes")),
+                            bias_init=zeros_init(("classes",)), name="nsp", **dense)
 
     def encode(self, input_ids: Array, input_mask: Array, token_type_ids: Array, *,
                deterministic: bool = True) -> tuple[Array, Array]:
@@ -104,20 +95,20 @@ class BertPretrainer(nn.Module):
         sequence = self.encoder(input_ids, segment_ids=input_mask.astype(jnp.int32),
                                 token_type_ids=token_type_ids, deterministic=deterministic)
         pooled = jnp.tanh(self.pooler(sequence[:, 0]))
-        return sequence, _constrain(pooled, ("act_batch", "act_embed"))
+        return sequence, constrain(pooled, ("act_batch", "act_embed"))
 
     def mlm_logits(self, sequence: Array, masked_lm_positions: Array) -> Array:
         """float32 logits [B, P, V] (act_batch, None, act_vocab) at the predicted positions only."""
         cfg = self.cfg
         x = gather_positions(sequence, masked_lm_positions)  # [B, P, D]
-        x = _constrain(x, ("act_batch", None, "act_embed"))
+        x = constrain(x, ("act_batch", None, "act_embed"))
         x = self.mlm_norm(gelu_exact(self.mlm_transform(x)))
         if cfg.tie_embeddings:
             logits = self.encoder.token_embed.attend(x)
         else:
             logits = self.mlm_output(x)
         logits = logits.astype(jnp.float32) + self.mlm_output_bias.astype(jnp.float32)
-        return _constrain(logits, ("act_batch", None, "act_vocab"))
+        return constrain(logits, ("act_batch", None, "act_vocab"))
 
     def nsp_logits(self, pooled: Array) -> Array:
         """float32 logits [B, 2] from the pooled [CLS] vector [B, D]."""
@@ -138,7 +129,6 @@ class BertPretrainer(nn.Module):
 def bert_param_count(cfg: TransformerConfig, *, heads: bool = False) -> int:
     """Analytic parameter count: encoder + pooler (the paper's "110M" convention for BERT-base,
     = Hugging Face `BertModel`), plus the MLM and NSP heads when `heads` (= `BertForPreTraining`)."""
-    from research.models.transformer import analytic_param_count
     d, v = cfg.d_model, cfg.vocab_size
     total = analytic_param_count(cfg) + d * d + d  # encoder + pooler
     if heads:

@@ -17,11 +17,11 @@ Counts only matrix multiplications, 2 FLOPs per multiply-add, from the config al
 Not counted: embedding lookups, norms, activations, softmax, biases, the optimizer update,
 and recomputation from rematerialisation (`remat_policy`), so MFU measures useful work
 (the PaLM-paper convention; the causal half for decoders as in Megatron/PaLM's 6N + 12LTD*c).
+
+Each objective picks its heads in `Objective.training_flops` (research/objectives/).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from research.models.transformer import TransformerConfig
 
@@ -69,16 +69,3 @@ def forward_flops(cfg: TransformerConfig, batch_size: int, seq_len: int, *,
 def training_flops(cfg: TransformerConfig, batch_size: int, seq_len: int, **kwargs) -> float:
     """Model FLOPs of one training step (forward + backward = 3 x forward); see module doc."""
     return 3.0 * forward_flops(cfg, batch_size, seq_len, **kwargs)
-
-
-def objective_training_flops(objective: Any, cfg: TransformerConfig, batch_size: int,
-                             seq_len: int, *, causal_half: bool | None = None) -> float:
-    """`training_flops` with the heads of `objective` (CausalLMObjective or
-    BertPretrainingObjective)."""
-    if getattr(objective, "name", None) == "bert_pretraining":
-        return training_flops(cfg, batch_size, seq_len,
-                              mlm_predictions=objective.max_predictions_per_seq,
-                              next_sentence=objective.next_sentence, causal_half=causal_half)
-    if getattr(objective, "name", None) == "causal_lm":
-        return training_flops(cfg, batch_size, seq_len, causal_half=causal_half)
-    raise ValueError(f"no FLOP count for objective {getattr(objective, 'name', objective)!r}")

@@ -12,28 +12,25 @@ BERT fine-tuning does.
 
 from __future__ import annotations
 
-
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from research.models.transformer import Dropout, TransformerConfig, TransformerStack
+from research.models.layers import Dropout, normal_init, zeros_init
+from research.models.transformer import TransformerConfig, TransformerStack
+
+Array = jax.Array
 
 TASKS = ("binary", "multiclass", "regression")
 
 
-def _normal(std: float, axes):
-    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
-
-
-def _zeros(axes):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
 class SequenceClassifier(nn.Module):
-    """Returns float32 [B, num_outputs] scores (logits, or the value for regression)."""
+    """Returns float32 [B, num_outputs] scores (logits, or the value for regression).
+
+    Parameters (logical axes): encoder/... + pooler/{kernel, bias} [D, D] ('mlp', 'embed'),
+    [D] ('embed',) when `cfg.causal` is False, else decoder/...; classifier/{kernel, bias}
+    [D, num_outputs] ('embed', 'classes'), [num_outputs] ('classes',).
+    """
 
     cfg: TransformerConfig
     num_outputs: int
@@ -47,17 +44,19 @@ class SequenceClassifier(nn.Module):
             self.decoder = TransformerStack(cfg, name="decoder")
         else:
             self.encoder = TransformerStack(cfg, name="encoder")
-            self.pooler = nn.Dense(cfg.d_model, kernel_init=_normal(cfg.init_std, ("mlp", "embed")),
-                                   bias_init=_zeros(("embed",)), name="pooler", **dense)
+            self.pooler = nn.Dense(cfg.d_model,
+                                   kernel_init=normal_init(cfg.init_std, ("mlp", "embed")),
+                                   bias_init=zeros_init(("embed",)), name="pooler", **dense)
         self.dropout = Dropout(self.head_dropout)
         self.classifier = nn.Dense(self.num_outputs,
-                                   kernel_init=_normal(self.head_init_std, ("embed", "classes")),
-                                   bias_init=_zeros(("classes",)), name="classifier", **dense)
+                                   kernel_init=normal_init(self.head_init_std, ("embed", "classes")),
+                                   bias_init=zeros_init(("classes",)), name="classifier", **dense)
 
-    def __call__(self, input_ids, input_mask, token_type_ids, last_index, *,
-                 deterministic: bool = True):
+    def __call__(self, input_ids: Array, input_mask: Array, token_type_ids: Array,
+                 last_index: Array, *, deterministic: bool = True) -> Array:
         """input_ids, input_mask (1 real / 0 pad), token_type_ids: int[B, L];
-        last_index: int[B], the last real token (decoder pooling)."""
+        last_index: int[B], the last real token (decoder pooling).
+        Returns float32 [B, num_outputs]."""
         segments = input_mask.astype(jnp.int32)
         if self.cfg.causal:
             hidden = self.decoder(input_ids, segment_ids=segments, deterministic=deterministic)

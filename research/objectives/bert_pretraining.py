@@ -1,5 +1,6 @@
 """The BERT pretraining objective: masked LM (+ next-sentence prediction) as in
-google-research/bert `run_pretraining.py`; the model is `research.models.bert.BertPretrainer`."""
+google-research/bert `run_pretraining.py`; the model is `research.models.bert.BertPretrainer`.
+The interface is `objectives/base.py`."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from research.data.bert_pretraining import make_bert_pretraining_iterator
+from research.errors import ConfigError
+from research.models import flops
 from research.models.bert import BertPretrainer
 from research.models.transformer import TransformerConfig
+from research.objectives.base import Objective
 from research.objectives.losses import MetricSums
 
 Array = jax.Array
@@ -24,7 +29,7 @@ MLM_EPSILON = 1e-5  # run_pretraining.py: denominator = sum(label_weights) + 1e-
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class BertPretrainingObjective:
+class BertPretrainingObjective(Objective):
     """MLM (+ NSP) pretraining as in google-research/bert run_pretraining.py.
 
     Knobs (gin: `BertPretrainingObjective.next_sentence = False`):
@@ -57,11 +62,11 @@ class BertPretrainingObjective:
 
     def make_model(self, cfg: TransformerConfig) -> nn.Module:
         if cfg.causal is not False:
-            raise ValueError("BertPretrainingObjective needs a bidirectional encoder: "
+            raise ConfigError("BertPretrainingObjective needs a bidirectional encoder: "
                              "TransformerConfig.causal must be False (use a configs/models/"
                              "bert_*.gin model config, or bind TransformerConfig.causal = False).")
         if cfg.type_vocab_size < 2:
-            raise ValueError(f"BertPretrainingObjective needs token-type embeddings for segments "
+            raise ConfigError(f"BertPretrainingObjective needs token-type embeddings for segments "
                              f"A and B: TransformerConfig.type_vocab_size={cfg.type_vocab_size}, "
                              "set it to 2.")
         return BertPretrainer(cfg)
@@ -117,9 +122,15 @@ class BertPretrainingObjective:
     def make_iterator(self, source, tokenizer, **kwargs):
         """`make_bert_pretraining_iterator` with this objective's knobs; kwargs from the trainer
         (seq_len, global_batch_size, seed, process_index, process_count, repeat, shuffle)."""
-        from research.data.bert_pretraining import make_bert_pretraining_iterator
         return make_bert_pretraining_iterator(
             source, tokenizer, max_predictions_per_seq=self.max_predictions_per_seq,
             masked_lm_prob=self.masked_lm_prob, short_seq_prob=self.short_seq_prob,
             whole_word_mask=self.whole_word_mask, next_sentence=self.next_sentence,
             dupe_factor=self.dupe_factor, **kwargs)
+
+    def training_flops(self, cfg: TransformerConfig, batch_size: int, seq_len: int, *,
+                       causal_half: bool | None = None) -> float:
+        """Stack + MLM heads at the P gathered positions + pooler (+ NSP) (`flops.training_flops`)."""
+        return flops.training_flops(cfg, batch_size, seq_len,
+                                    mlm_predictions=self.max_predictions_per_seq,
+                                    next_sentence=self.next_sentence, causal_half=causal_half)

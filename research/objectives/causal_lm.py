@@ -1,19 +1,5 @@
-"""Training objectives: what model a run trains, what data it reads, and its loss.
-
-An objective bundles the three so that the trainer stays generic. Each exposes:
-
-  make_model(cfg)                      -> flax Module
-  dummy_batch(batch, seq_len)          -> dict of zero numpy arrays with the batch's shapes/dtypes
-  init(model, rngs, batch)             -> variables
-  normalizers(batch)                   -> loss denominators over the *whole* (global) batch
-  loss(model, params, batch, rng, normalizers, deterministic)
-                                       -> (loss contribution, MetricSums)
-  make_iterator(source, tokenizer, ...) -> a resumable batch iterator
-  required_special_pieces              -> tokenizer pieces the objective needs
-
-Loss contributions are sums divided by the whole-batch normalizers, so gradients accumulated
-over microbatches equal the full-batch gradient exactly.
-"""
+"""The causal language-model objective (GPT pretraining): next-token prediction over packed
+documents with `research.models.transformer.CausalLM`. The interface is `objectives/base.py`."""
 
 from __future__ import annotations
 
@@ -25,12 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.objectives import losses
+from research.data.causal_lm import make_causal_lm_iterator
+from research.errors import ConfigError
+from research.models import flops
 from research.models.transformer import CausalLM, TransformerConfig
+from research.objectives import losses
+from research.objectives.base import Batch, Objective
 
 
 @gin.configurable
-class CausalLMObjective:
+class CausalLMObjective(Objective):
     """Autoregressive next-token prediction over packed documents (GPT pretraining).
 
     `loss_chunk_size` (gin: `CausalLMObjective.loss_chunk_size = 128`): None computes the
@@ -41,13 +31,15 @@ class CausalLMObjective:
 
     name = "causal_lm"
     required_special_pieces = ("bos", "eos", "pad")
+    eval_perplexity = True
 
     def __init__(self, loss_chunk_size: int | None = None):
         self.loss_chunk_size = loss_chunk_size
 
     def make_model(self, cfg: TransformerConfig) -> nn.Module:
         if not cfg.causal:
-            raise ValueError("CausalLMObjective needs TransformerConfig.causal = True.")
+            raise ConfigError("CausalLMObjective needs a causal decoder: TransformerConfig.causal = "
+                              "True (use a configs/models/gpt_*.gin model config).")
         return CausalLM(cfg)
 
     def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -55,7 +47,7 @@ class CausalLMObjective:
         return {"inputs": ints, "targets": ints, "segment_ids": ints, "positions": ints,
                 "weights": np.zeros((batch_size, seq_len), np.float32)}
 
-    def init(self, model: nn.Module, rngs: dict[str, jax.Array], batch: dict[str, Any]):
+    def init(self, model: nn.Module, rngs: dict[str, jax.Array], batch: Batch):
         return model.init(rngs, batch["inputs"], segment_ids=batch["segment_ids"],
                           positions=batch["positions"])
 
@@ -85,5 +77,10 @@ class CausalLMObjective:
         return loss_sum / normalizers["tokens"], metrics
 
     def make_iterator(self, source, tokenizer, **kwargs):
-        from research.data.causal_lm import make_causal_lm_iterator
+        """`make_causal_lm_iterator`: packed [B, T] inputs/targets/segment_ids/positions/weights."""
         return make_causal_lm_iterator(source, tokenizer, **kwargs)
+
+    def training_flops(self, cfg: TransformerConfig, batch_size: int, seq_len: int, *,
+                       causal_half: bool | None = None) -> float:
+        """Stack + output projection at every position (`flops.training_flops`)."""
+        return flops.training_flops(cfg, batch_size, seq_len, causal_half=causal_half)

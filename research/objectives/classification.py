@@ -1,7 +1,18 @@
 """Fine-tuning objective: sequence classification or regression on labelled examples, with
-the `research.models.heads.SequenceClassifier` head."""
+the `research.models.heads.SequenceClassifier` head. The interface is `objectives/base.py`.
+
+Two facts come from outside the gin config, each in its own step that returns a new objective
+(nothing mutates; skipping a step fails with an error naming it):
+  with_training_data(train_examples)  label names (the sorted string labels of the training
+                                      split, unless `label_names` is set); eval/test splits
+                                      are then read with the same names, so ids agree
+  for_model(cfg)                      the input layout: 'encoder' ([CLS] a [SEP] b [SEP]) for
+                                      a bidirectional model, 'decoder' for a causal one
+"""
 
 from __future__ import annotations
+
+import copy
 
 import flax.linen as nn
 import gin
@@ -9,12 +20,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research.data.classification import Examples, load_examples, make_classification_iterator
+from research.errors import ConfigError
 from research.models.heads import TASKS, SequenceClassifier
 from research.models.transformer import TransformerConfig
+from research.objectives.base import Batch, Objective
+from research.objectives.task_metrics import task_metrics
+
+# The tokenizer pieces each input layout needs (checked when the iterator is made).
+STYLE_PIECES = {"encoder": ("cls", "sep"), "decoder": ("bos", "eos", "sep")}
 
 
 @gin.configurable
-class ClassificationObjective:
+class ClassificationObjective(Objective):
     """Single-sentence / sentence-pair classification or regression on labelled examples.
 
     Args:
@@ -24,7 +42,7 @@ class ClassificationObjective:
       text_fields: one column (single sentence) or two (a pair), e.g. ('text_a', 'text_b').
       label_field: the label column.
       label_names: string labels in id order; None = ints in the data, or the sorted set of
-        string labels found in the training data.
+        string labels found in the training data (`with_training_data`).
       head_dropout: dropout before the classifier.
       metric: the task metric that picks the best checkpoint (default: accuracy, or
         pearson for regression).
@@ -32,54 +50,77 @@ class ClassificationObjective:
 
     name = "classification"
     required_special_pieces = ("pad",)
+    has_predictions = True
 
     def __init__(self, task: str = "binary", num_labels: int = 2,
                  text_fields: tuple[str, ...] = ("text",), label_field: str = "label",
                  label_names: tuple[str, ...] | None = None, head_dropout: float = 0.1,
                  metric: str | None = None):
         if task not in TASKS:
-            raise ValueError(f"ClassificationObjective.task={task!r}; choose one of {TASKS}.")
+            raise ConfigError(f"ClassificationObjective.task={task!r}; choose one of {TASKS}.")
         if task == "binary" and num_labels != 2:
-            raise ValueError("task='binary' needs num_labels=2; use task='multiclass'.")
+            raise ConfigError("ClassificationObjective.task='binary' needs num_labels=2; use "
+                              "task='multiclass' for more classes.")
         self.task, self.num_labels = task, num_labels
         self.text_fields, self.label_field = tuple(text_fields), label_field
         self.label_names = list(label_names) if label_names else None
         self.head_dropout = head_dropout
         self.metric = metric or ("pearson" if task == "regression" else "accuracy")
-        self.style = "encoder"
+        self.style: str | None = None  # set by for_model
+        self.read_training_data = False  # set by with_training_data
+
+    def _replace(self, **changes) -> "ClassificationObjective":
+        """A copy with `changes` (not through __init__, so gin records nothing new)."""
+        new = copy.copy(self)
+        new.__dict__.update(changes)
+        return new
 
     @property
     def regression(self) -> bool:
         return self.task == "regression"
 
+    def for_model(self, cfg: TransformerConfig) -> "ClassificationObjective":
+        """The input layout of `cfg`'s stack: 'decoder' if causal, else 'encoder'."""
+        return self._replace(style="decoder" if cfg.causal else "encoder")
+
     def make_model(self, cfg: TransformerConfig) -> nn.Module:
-        self.style = "decoder" if cfg.causal else "encoder"
         return SequenceClassifier(cfg, 1 if self.regression else self.num_labels,
                                   self.head_dropout)
 
     # ------------------------------------------------------------------ data ---------------
 
-    def open_source(self, spec: str, *, role: str = "train"):
-        """Examples of one split; eval/test reuse the training label names."""
-        from research.data.classification import load_examples
-        examples = load_examples(spec, text_fields=self.text_fields, label_field=self.label_field,
-                                 label_names=self.label_names, regression=self.regression,
-                                 allow_unlabeled=role == "test")
-        if role == "train" and self.label_names is None and examples.label_names:
-            self.label_names = list(examples.label_names)
-        if not self.regression and self.label_names and len(self.label_names) != self.num_labels:
-            raise ValueError(f"the data has {len(self.label_names)} label names "
-                             f"{self.label_names} but ClassificationObjective.num_labels="
-                             f"{self.num_labels}.")
-        return examples
+    def open_source(self, spec: str, *, role: str = "train") -> Examples:
+        """Examples of one split; eval/test (read after `with_training_data`) use the training
+        label names, and test rows may be unlabelled."""
+        if role != "train" and not self.read_training_data:
+            raise RuntimeError("ClassificationObjective: open the training split and use "
+                               "objective.with_training_data(source) before opening "
+                               f"{role} data, so that label ids agree.")
+        return load_examples(spec, text_fields=self.text_fields, label_field=self.label_field,
+                             label_names=self.label_names, regression=self.regression,
+                             allow_unlabeled=role == "test")
 
-    def steps_per_epoch(self, source, global_batch_size: int) -> int:
+    def with_training_data(self, source: Examples) -> "ClassificationObjective":
+        """Label names: `label_names` if set, else those found in the training examples."""
+        names = self.label_names
+        if names is None and source.label_names:
+            names = list(source.label_names)
+        if not self.regression and names and len(names) != self.num_labels:
+            raise ConfigError(f"the data has {len(names)} label names {names} but "
+                              f"ClassificationObjective.num_labels={self.num_labels}; set "
+                              f"--gin.ClassificationObjective.num_labels={len(names)} (and "
+                              "task='multiclass' for more than 2).")
+        return self._replace(label_names=names, read_training_data=True)
+
+    def steps_per_epoch(self, source: Examples, global_batch_size: int) -> int:
         return -(-len(source.texts) // global_batch_size)
 
     def make_iterator(self, source, tokenizer, **kwargs):
-        from research.data.classification import make_classification_iterator
-        needed = ("cls", "sep") if self.style == "encoder" else ("bos", "eos", "sep")
-        tokenizer.require_special(*needed)
+        """`make_classification_iterator` in this objective's input layout (`for_model`)."""
+        if self.style is None:
+            raise RuntimeError("ClassificationObjective: call objective.for_model(cfg) before "
+                               "make_iterator (the input layout depends on the model).")
+        tokenizer.require_special(*STYLE_PIECES[self.style])
         return make_classification_iterator(source, tokenizer, style=self.style, **kwargs)
 
     def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -92,7 +133,7 @@ class ClassificationObjective:
 
     # ------------------------------------------------------------------ model --------------
 
-    def init(self, model, rngs, batch):
+    def init(self, model: nn.Module, rngs: dict[str, jax.Array], batch: Batch):
         return model.init(rngs, batch["input_ids"], batch["input_mask"], batch["token_type_ids"],
                           batch["last_index"])
 
@@ -127,10 +168,13 @@ class ClassificationObjective:
         return {"prediction": pred}
 
     def task_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        from research.objectives.task_metrics import task_metrics
         return task_metrics(self.task, predictions, labels)
 
     def format_prediction(self, value: float) -> str:
+        """The value (regression), or the class name (or id) of a class id."""
+        if not self.read_training_data:
+            raise RuntimeError("ClassificationObjective: with_training_data(source) first "
+                               "(predictions are written with the training label names).")
         if self.regression:
             return f"{value:.6g}"
         label = int(value)

@@ -30,6 +30,16 @@ import argparse
 import os
 import sys
 
+from research import cli
+from research.config import split_gin_bindings
+from research.sweep import collect
+from research.sweep.cli_axes import apply_cli
+from research.sweep.launchers import make_launcher
+from research.sweep.runner import Runner
+from research.sweep.spec import SweepSpec
+from research.sweep.status import print_status
+from research.sweep.sweep_file import load_sweep_file
+
 RUN_HELP = """Expands the sweep and runs its trials.
 
 Axes: --grid=NAME=V1,V2 (crossed), --zip=NAME=V1,V2 (all --zip axes zipped together, then
@@ -50,8 +60,8 @@ in flight on SLURM), 1 when any failed or is unfinished, 128+N when stopped by s
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: run, status and collect subcommands."""
-    parser = argparse.ArgumentParser(prog="python -m research.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m research.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="{run,status,collect}")
     run = sub.add_parser("run", help="run (or resume) a sweep", description=RUN_HELP,
                          allow_abbrev=False,
@@ -119,11 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(argv: list[str]) -> int:
     """`run`: parse flags, build the spec, launcher and runner; run or dry-run."""
-    from research.config import split_gin_bindings
-    from research.sweep.launchers import make_launcher
-    from research.sweep.runner import Runner
-    from research.sweep.spec import SweepSpec, apply_cli, load_sweep_file
-
     bindings, rest = split_gin_bindings(argv)
     args = build_parser().parse_args(["run", *rest])
     spec = load_sweep_file(args.sweep_file) if args.sweep_file else SweepSpec()
@@ -136,32 +141,19 @@ def run_command(argv: list[str]) -> int:
     return runner.dry_run() if args.dry_run else runner.run()
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     """Entry point: dispatches to run, status or collect."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from research.sweep.spec import SweepError
-    try:
-        if argv and argv[0] == "collect":
-            try:
-                from research.sweep import collect
-            except ModuleNotFoundError as err:
-                if err.name != "research.sweep.collect":
-                    raise
-                print("error: research/sweep/collect.py is missing from this checkout.",
-                      file=sys.stderr)
-                return 2
-            return collect.main(argv[1:])
-        if argv and argv[0] == "run":
-            return run_command(argv[1:])
-        args = build_parser().parse_args(argv)
-        if args.command == "status":
-            from research.sweep.runner import print_status
-            return print_status(args.root)
-        build_parser().print_help()
-        return 2
-    except SweepError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if argv and argv[0] == "collect":
+        return collect.main(argv[1:])
+    if argv and argv[0] == "run":
+        return run_command(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "status":
+        return print_status(args.root)
+    build_parser().print_help()
+    return 2
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from typing import IO
 from research.sweep.spec import SweepError, Trial
 
 TRAIN_MODULE = "research.train"
+# What a SLURM job leaves in ROOT/<trial>/ when it ends: its exit code and run time in seconds.
+RETURNCODE_FILE = "returncode"
+ELAPSED_FILE = "elapsed_s"
 
 
 class Launcher:
@@ -26,6 +29,7 @@ class Launcher:
 
     name = ""
     synchronous = True
+    devices_per_trial: int | None = None  # GPUs per concurrent slot (local launcher only)
 
     def __init__(self, args: argparse.Namespace, root: str, cwd: str):
         self.root = os.path.abspath(root)
@@ -45,6 +49,10 @@ class Launcher:
 
     def launch_command(self, trial: Trial) -> list[str] | None:
         """What actually runs when it wraps the training command (None: the command itself)."""
+        return None
+
+    def devices(self, slot: int | None) -> str | None:
+        """CUDA_VISIBLE_DEVICES of a trial on `slot` (None: the launcher does not set it)."""
         return None
 
     def dry_run(self, trial: Trial, attempt: int, slot: int | None = None) -> str:
@@ -199,7 +207,7 @@ class SlurmLauncher(Launcher):
         return os.path.join(self.workdir(trial), "sbatch.sh")
 
     def returncode_path(self, trial_dir: str) -> str:
-        return os.path.join(trial_dir, "returncode")
+        return os.path.join(trial_dir, RETURNCODE_FILE)
 
     def submit_command(self, trial: Trial) -> list[str]:
         return ["sbatch", "--parsable", self.script_path(trial)]
@@ -223,7 +231,7 @@ class SlurmLauncher(Launcher):
             f"cd {shlex.quote(self.cwd)} || {{ echo 1 > {rc_file}; exit 1; }}",
             f"srun {shlex.join(self.train_command(trial))}",
             "rc=$?",
-            f"echo \"$SECONDS\" > {shlex.quote(os.path.join(workdir, 'elapsed_s'))}",
+            f"echo \"$SECONDS\" > {shlex.quote(os.path.join(workdir, ELAPSED_FILE))}",
             f"echo \"$rc\" > {rc_file}.tmp && mv {rc_file}.tmp {rc_file}",
             "exit $rc",
         ]
@@ -237,7 +245,7 @@ class SlurmLauncher(Launcher):
         """Writes the script, clears the previous attempt's exit code and runs sbatch.
         Returns (sbatch's exit code, job id or sbatch's error output)."""
         workdir = self.workdir(trial)
-        for stale in ("returncode", "elapsed_s"):
+        for stale in (RETURNCODE_FILE, ELAPSED_FILE):
             try:
                 os.remove(os.path.join(workdir, stale))
             except FileNotFoundError:

@@ -1,4 +1,6 @@
-"""Runs a sweep's trials and keeps their bookkeeping: ROOT/sweep.json, ROOT/<trial>/trial.json.
+"""Runs a sweep's trials: plans each trial from what is on disk, runs (local, tpu-vm) or submits
+(slurm) the ones that need it, handles Ctrl-C, and prints progress and a summary. Writes
+ROOT/sweep.json; each trial's trial.json through `trial_state`.
 
 Per trial, on every `run`: done (final.json exists) -> skipped; failed -> reported, rerun only
 with --retry_failed; pending, interrupted, or "running" from a sweep that died -> run again
@@ -10,7 +12,8 @@ trials (they checkpoint and exit), which are then marked interrupted.
 from __future__ import annotations
 
 import concurrent.futures
-import json
+import contextlib
+import fcntl
 import os
 import queue
 import shlex
@@ -21,38 +24,19 @@ import sys
 import threading
 import time
 import traceback
-from typing import IO, Any, Sequence
+from typing import IO, Any, Iterator, Sequence
 
-from research.sweep.collect import fmt_duration, read_json
-from research.sweep.launchers import Launcher, SlurmLauncher, job_in_queue
-from research.sweep.spec import SweepError, SweepSpec, Trial, expand, sweep_json, to_json
+from research import workdir
+from research.sweep.expansion import expand, sweep_json
+from research.sweep.gin_values import to_json
+from research.sweep.launchers import Launcher, SlurmLauncher
+from research.sweep.spec import SweepError, SweepSpec, Trial
+from research.sweep.trial_state import (LOG_FILE, STATUS_ORDER, effective_status, new_state,
+                                        read_state, tail, write_json, write_state)
+from research.sweep.values import fmt_duration
 
-STATUS_ORDER = ("done", "failed", "interrupted", "running", "submitted", "pending")
-TAIL_LINES = 20
-
-
-# ------------------------------------------------------------------------ files --------------
-
-def write_json(path: str, data: Any) -> None:
-    """Writes JSON atomically (temp file + rename)."""
-    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def tail(path: str, lines: int = TAIL_LINES, max_bytes: int = 65536) -> list[str]:
-    """The last `lines` lines of a (possibly large) text file; [] if it does not exist."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", errors="replace").splitlines()[-lines:]
+# (trial, trial.json or None, action: skip | failed | inflight | run, note)
+PlanEntry = tuple[Trial, "dict[str, Any] | None", str, str]
 
 
 def git_info(cwd: str) -> tuple[str | None, bool | None]:
@@ -71,104 +55,6 @@ def git_info(cwd: str) -> tuple[str | None, bool | None]:
     return commit.strip(), (bool(status.strip()) if status is not None else None)
 
 
-def new_state(trial: Trial, launcher: Launcher) -> dict[str, Any]:
-    """A fresh trial.json."""
-    return {"name": trial.name, "params": to_json(trial.params),
-            "command": launcher.train_command(trial), "launcher": launcher.name,
-            "status": "pending", "attempts": 0, "returncode": None, "wall_time_s": 0.0,
-            "git_commit": None, "git_dirty": None, "started_at": None, "finished_at": None,
-            "log": "train.log"}
-
-
-def trainer_alive(trial_dir: str, state: dict[str, Any]) -> bool:
-    """Whether the process a "running" trial.json records still runs: on this host, its pid
-    lives with this trial's workdir on its command line; from another host, research.train's
-    DIR/.lock is held (probed only then: a probe could race a trainer taking the lock)."""
-    pid = state.get("pid")
-    if state.get("host") == socket.gethostname():
-        if not pid:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return os.path.basename(trial_dir).encode() in f.read()
-        except OSError:
-            return True
-    return _lock_held(os.path.join(trial_dir, ".lock"))
-
-
-def _lock_held(path: str) -> bool:
-    """Whether another process holds a flock on `path`."""
-    import fcntl
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def effective_status(trial_dir: str, state: dict[str, Any] | None,
-                     query_slurm: bool = True) -> tuple[str, dict[str, Any], str]:
-    """(status, trial.json updates, note) from what is on disk now: final.json, a SLURM
-    job's returncode file, whether a "running" trainer is still alive. Reads only."""
-    if os.path.exists(os.path.join(trial_dir, "final.json")):
-        updates: dict[str, Any] = {}
-        if state is not None and state.get("status") == "submitted":
-            updates = _slurm_outcome(trial_dir, state)
-        return "done", {**updates, "status": "done"}, "final.json"
-    if state is None:
-        return "pending", {}, ""
-    status = state.get("status", "pending")
-    if status == "submitted":
-        rc_path = os.path.join(trial_dir, "returncode")
-        if not os.path.exists(rc_path) and query_slurm and state.get("job_id"):
-            if job_in_queue(state["job_id"]) is False and not os.path.exists(rc_path):
-                return ("interrupted", {"status": "interrupted", "finished_at": time.time()},
-                        f"slurm job {state['job_id']} left the queue without an exit code")
-        if not os.path.exists(rc_path):
-            return "submitted", {}, f"slurm job {state.get('job_id')}"
-        updates = _slurm_outcome(trial_dir, state)
-        status = "failed" if updates["returncode"] != 0 else "interrupted"
-        return status, {**updates, "status": status}, f"slurm job {state.get('job_id')}"
-    if status == "running":
-        if trainer_alive(trial_dir, state):
-            return "running", {}, f"running in another process (pid {state.get('pid')})"
-        return "interrupted", {"status": "interrupted"}, "its sweep stopped while it ran"
-    if status == "done":  # final.json was removed
-        return "interrupted", {"status": "interrupted"}, "final.json is gone"
-    return status, {}, ""
-
-
-def _slurm_outcome(trial_dir: str, state: dict[str, Any]) -> dict[str, Any]:
-    """returncode / wall time / finish time of a finished SLURM job, from its files."""
-    rc_path = os.path.join(trial_dir, "returncode")
-    try:
-        with open(rc_path, encoding="utf-8") as f:
-            rc = int(f.read().strip() or 1)
-        finished = os.path.getmtime(rc_path)
-    except (OSError, ValueError):
-        return {}
-    try:
-        with open(os.path.join(trial_dir, "elapsed_s"), encoding="utf-8") as f:
-            elapsed = float(f.read().strip())
-    except (OSError, ValueError):
-        elapsed = 0.0
-    return {"returncode": rc, "finished_at": finished,
-            "wall_time_s": float(state.get("wall_time_s") or 0.0) + elapsed}
-
-
 class SweepLock:
     """An exclusive flock on ROOT/.sweep.lock: one `run` per sweep root at a time."""
 
@@ -177,7 +63,6 @@ class SweepLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "SweepLock":
-        import fcntl
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -196,8 +81,6 @@ class SweepLock:
             os.close(self.fd)
             self.fd = None
 
-
-# ------------------------------------------------------------------------ the runner ---------
 
 class Runner:
     """Runs (or submits) the trials of one sweep under one launcher."""
@@ -225,24 +108,27 @@ class Runner:
 
     # ---- output -----------------------------------------------------------------------------
     def say(self, text: str) -> None:
+        """Prints one line of progress (thread-safe)."""
         with self._lock:
             print(text, file=self.out, flush=True)
 
     def _count(self) -> str:
+        """`[k/N]`: the next handled trial's ordinal."""
         self._handled += 1
         return f"[{self._handled}/{len(self.trials)}]"
 
     def trial_dir(self, trial: Trial) -> str:
+        """ROOT/<trial>: research.train's --workdir for the trial."""
         return os.path.join(self.root, trial.name)
 
     # ---- planning ---------------------------------------------------------------------------
-    def plan(self, *, write: bool) -> list[tuple[Trial, dict[str, Any] | None, str, str]]:
+    def plan(self, *, write: bool) -> list[PlanEntry]:
         """(trial, state, action, note) per trial; action is skip | failed | inflight | run.
         With `write`, trial.json files are brought up to date (and created as pending)."""
         plan = []
         for trial in self.trials:
             tdir = self.trial_dir(trial)
-            state = read_json(os.path.join(tdir, "trial.json"))
+            state = read_state(tdir)
             status, updates, note = effective_status(tdir, state)
             if state is None and (write or status == "done"):
                 state = new_state(trial, self.launcher)
@@ -251,7 +137,7 @@ class Runner:
                 state["status"] = status
             if write and state is not None:
                 os.makedirs(tdir, exist_ok=True)
-                write_json(os.path.join(tdir, "trial.json"), state)
+                write_state(tdir, state)
             if status == "done":
                 action = "skip"
             elif status == "failed" and not self.retry_failed:
@@ -269,7 +155,7 @@ class Runner:
         runnable = sum(1 for p in plan if p[2] == "run")
         self.say(f"# research.sweep run --dry_run: {len(self.trials)} trials in {self.root}, "
                  f"launcher {self.launcher.name}, {runnable} to run")
-        devices = getattr(self.launcher, "devices_per_trial", None)
+        devices = self.launcher.devices_per_trial
         if devices is not None:
             self.say(f"# CUDA_VISIBLE_DEVICES: {self.parallel} slots of {devices} GPUs; a trial "
                      "takes a free slot (shown as if trials finish in order)")
@@ -319,20 +205,18 @@ class Runner:
                     self._submit_all(todo)
             return self.summary()
 
-    def _signal_handlers(self):
-        runner = self
-
-        class _Handlers:
-            def __enter__(self):
-                self.old = {}
-                if threading.current_thread() is threading.main_thread():
-                    for sig in (signal.SIGINT, signal.SIGTERM):
-                        self.old[sig] = signal.signal(sig, runner._on_signal)
-
-            def __exit__(self, *exc):
-                for sig, old in self.old.items():
-                    signal.signal(sig, old)
-        return _Handlers()
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        """SIGINT/SIGTERM go to _on_signal while trials run (main thread only)."""
+        old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old[sig] = signal.signal(sig, self._on_signal)
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         """First signal: SIGTERM to running trials (checkpoint and exit), start nothing new.
@@ -381,6 +265,8 @@ class Runner:
             slots.put(slot)
 
     def _attempt(self, trial: Trial, state: dict[str, Any], slot: int) -> None:
+        """Starts the trial on `slot`, waits for it, and records how it ended: done
+        (final.json), interrupted (exit 0 without it, or stopped by a signal) or failed."""
         tdir = self.trial_dir(trial)
         os.makedirs(tdir, exist_ok=True)
         with self._lock:
@@ -388,7 +274,7 @@ class Runner:
                 self.results[trial.name] = (state["status"], state)
                 return
             self._prepare(trial, state)
-            log = open(os.path.join(tdir, "train.log"), "a", encoding="utf-8")
+            log = open(os.path.join(tdir, LOG_FILE), "a", encoding="utf-8")
             log.write(self._header(trial, state))
             log.flush()
             began = time.monotonic()
@@ -404,7 +290,7 @@ class Runner:
             state["pid"] = proc.pid
             self._running[trial.name] = (trial, proc)
         self._save(trial, state)
-        devices = self.launcher.devices(slot) if hasattr(self.launcher, "devices") else None
+        devices = self.launcher.devices(slot)
         where = f", CUDA_VISIBLE_DEVICES={devices}" if devices is not None else ""
         self.say(f"start {trial.name} (attempt {state['attempts']}{where}) -> {tdir}/train.log")
         rc = proc.wait()
@@ -413,7 +299,7 @@ class Runner:
             self._running.pop(trial.name, None)
             stopped = self.stop_signal is not None
         log.close()
-        if os.path.exists(os.path.join(tdir, "final.json")):
+        if workdir.is_finished(tdir):
             status = "done"
         elif rc == 0 or stopped:
             status = "interrupted"
@@ -431,25 +317,28 @@ class Runner:
                      status="running", attempts=int(state.get("attempts") or 0) + 1,
                      returncode=None, started_at=time.time(), finished_at=None,
                      git_commit=self.git_commit, git_dirty=self.git_dirty,
-                     host=socket.gethostname(), log="train.log")
+                     host=socket.gethostname(), log=LOG_FILE)
         launch = self.launcher.launch_command(trial)
         if launch is not None:
             state["launch_command"] = launch
         state.pop("job_id", None)
 
     def _header(self, trial: Trial, state: dict[str, Any]) -> str:
+        """The train.log line that opens an attempt."""
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state["started_at"]))
         command = state.get("launch_command") or state["command"]
         return (f"=== research.sweep: trial {trial.name}, attempt {state['attempts']}, launcher "
                 f"{self.launcher.name}, {stamp}: {shlex.join(command)}\n")
 
     def _append_log(self, trial: Trial, text: str) -> None:
+        """Appends `text` (one line or more) to the trial's train.log."""
         os.makedirs(self.trial_dir(trial), exist_ok=True)
-        with open(os.path.join(self.trial_dir(trial), "train.log"), "a", encoding="utf-8") as f:
+        with open(os.path.join(self.trial_dir(trial), LOG_FILE), "a", encoding="utf-8") as f:
             f.write(text if text.endswith("\n") else text + "\n")
 
     def _save(self, trial: Trial, state: dict[str, Any]) -> None:
-        write_json(os.path.join(self.trial_dir(trial), "trial.json"), state)
+        """Writes the trial's trial.json."""
+        write_state(self.trial_dir(trial), state)
 
     def _finish_line(self, trial: Trial, state: dict[str, Any], elapsed: float) -> None:
         """`[3/12] done NAME in 41.2s (ETA 5m10s)`, and the result recorded."""
@@ -500,7 +389,7 @@ class Runner:
             status, state = self.results.get(trial.name, ("pending", None))
             if status != "failed":
                 continue
-            log = os.path.join(self.trial_dir(trial), "train.log")
+            log = os.path.join(self.trial_dir(trial), LOG_FILE)
             rc = (state or {}).get("returncode")
             self.say(f"\nFAILED {trial.name}: returncode {rc}, log {log}")
             for line in tail(log):
@@ -516,53 +405,3 @@ class Runner:
             return 128 + self.stop_signal
         unfinished = sum(counts.get(s, 0) for s in ("failed", "interrupted", "pending"))
         return 1 if unfinished else 0
-
-
-# ------------------------------------------------------------------------ status -------------
-
-def last_step(trial_dir: str) -> str:
-    """'step/num_steps' from final.json, else the last metrics.jsonl step, else ''."""
-    final = read_json(os.path.join(trial_dir, "final.json"))
-    if isinstance(final, dict) and "step" in final:
-        return f"{final['step']}/{final.get('num_steps', final['step'])}"
-    for line in reversed(tail(os.path.join(trial_dir, "metrics.jsonl"), lines=3, max_bytes=8192)):
-        try:
-            return str(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return ""
-
-
-def status_table(root: str) -> tuple[list[list[str]], dict[str, int]]:
-    """Rows (trial, status, attempts, returncode, wall time, step) and counts per status."""
-    info = read_json(os.path.join(root, "sweep.json"))
-    if not isinstance(info, dict) or "trials" not in info:
-        raise SweepError(f"no sweep.json in {root}; give the --root of a `python -m research.sweep "
-                         "run`.")
-    rows, counts = [], {}
-    for entry in info["trials"]:
-        tdir = os.path.join(root, entry["name"])
-        state = read_json(os.path.join(tdir, "trial.json"))
-        status, updates, _ = effective_status(tdir, state, query_slurm=False)
-        merged = {**(state or {}), **updates}
-        counts[status] = counts.get(status, 0) + 1
-        rc = merged.get("returncode")
-        wall = merged.get("wall_time_s")
-        rows.append([entry["name"], status, str(merged.get("attempts", 0)),
-                     "" if rc is None else str(rc), fmt_duration(wall) if wall else "",
-                     last_step(tdir)])
-    return rows, counts
-
-
-def print_status(root: str, out: IO[str] | None = None) -> int:
-    """`python -m research.sweep status DIR`: one line per trial."""
-    out = out or sys.stdout
-    root = os.path.abspath(root)
-    rows, counts = status_table(root)
-    header = ["trial", "status", "attempts", "rc", "time", "step"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
-    parts = [f"{counts[s]} {s}" for s in STATUS_ORDER if counts.get(s)]
-    print(f"\n{len(rows)} trials: {', '.join(parts)}", file=out)
-    return 0

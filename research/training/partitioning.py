@@ -26,6 +26,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from research.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -64,32 +66,34 @@ RULE_PRESETS: dict[str, Rules] = {
 def logical_axis_rules(preset: str = "fsdp_tensor", overrides: Rules = ()) -> Rules:
     """The rules in force: a preset, with `overrides` (name, mesh axes) pairs taking precedence."""
     if preset not in RULE_PRESETS:
-        raise ValueError(f"logical_axis_rules.preset={preset!r} is unknown; choose one of "
-                         f"{sorted(RULE_PRESETS)}.")
+        raise ConfigError(f"logical_axis_rules.preset={preset!r} is unknown; choose one of "
+                          f"{sorted(RULE_PRESETS)}.")
     names = {name for name, _ in overrides}
     return tuple(overrides) + tuple(r for r in RULE_PRESETS[preset] if r[0] not in names)
 
 
 def resolve_mesh_shape(mesh_shape: dict[str, int], num_devices: int) -> dict[str, int]:
-    """Fills in a -1 axis and checks the product equals the device count."""
+    """Fills in a -1 axis and checks the product equals the device count (ConfigError naming
+    MESH_SHAPE and the fix otherwise)."""
     unknown = set(mesh_shape) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"MESH_SHAPE has unknown axes {sorted(unknown)}; the axes are {MESH_AXES}, "
-                         "e.g. {'data': 2, 'fsdp': 2, 'tensor': 2}.")
+        raise ConfigError(f"MESH_SHAPE has unknown axes {sorted(unknown)}; the axes are "
+                          f"{MESH_AXES}, e.g. {{'data': 2, 'fsdp': 2, 'tensor': 2}}.")
     shape = {axis: int(mesh_shape.get(axis, 1)) for axis in MESH_AXES}
     free = [a for a, n in shape.items() if n == -1]
     if len(free) > 1:
-        raise ValueError(f"MESH_SHAPE={mesh_shape}: at most one axis may be -1.")
+        raise ConfigError(f"MESH_SHAPE={mesh_shape}: at most one axis may be -1.")
     if any(n == 0 or n < -1 for n in shape.values()):
-        raise ValueError(f"MESH_SHAPE={mesh_shape}: axis sizes must be positive (or one -1).")
+        raise ConfigError(f"MESH_SHAPE={mesh_shape}: axis sizes must be positive (or one -1).")
     known = math.prod(n for n in shape.values() if n != -1)
     if free:
         if num_devices % known:
-            raise ValueError(f"MESH_SHAPE={mesh_shape}: {num_devices} devices are not divisible by "
-                             f"the fixed axes' product {known}.")
+            raise ConfigError(f"MESH_SHAPE={mesh_shape}: {num_devices} devices are not divisible "
+                              f"by the fixed axes' product {known}; set the axis sizes so they "
+                              "divide it.")
         shape[free[0]] = num_devices // known
     if math.prod(shape.values()) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"MESH_SHAPE={mesh_shape} needs {math.prod(shape.values())} devices but "
             f"{num_devices} are available; make the axis sizes multiply to {num_devices} or set "
             "one axis to -1, e.g. --gin.MESH_SHAPE=\"{'data': -1}\".")

@@ -1,0 +1,123 @@
+"""`TransformerConfig`: the architecture hyper-parameters of the transformer stack, checked.
+
+Its own module so that the layers (`research.models.layers`, `research.models.attention`) and the
+stack that assembles them (`research.models.transformer`, which re-exports it) all read it
+without an import circle. The gin name is `TransformerConfig`: model gin files bind
+`TransformerConfig.num_layers = 12` and so on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax.numpy as jnp
+
+from research.errors import ConfigError
+
+ACTIVATIONS = ("gelu", "gelu_exact", "relu", "swiglu", "geglu")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rotary", "none")
+REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention", "offload")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+# Registered under the module that defined it before the split, so both gin selectors stay:
+# `TransformerConfig` and `research.models.transformer.TransformerConfig`.
+@gin.configurable(module="research.models.transformer")
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture hyper-parameters. Model gin files bind these (`TransformerConfig.num_layers = 12`).
+
+    `vocab_size=None` takes the tokenizer's size (rounded up to `vocab_multiple`) at run time.
+    """
+
+    vocab_size: int | None = None
+    vocab_multiple: int = 128
+    num_layers: int = 2
+    d_model: int = 128
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None = num_heads (MHA); 1 = MQA; in between = GQA
+    head_dim: int | None = None  # None = d_model // num_heads
+    mlp_dim: int = 512
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_placement: str = "pre"  # "pre" (GPT-2) or "post" (BERT, original Transformer)
+    position: str = "learned"
+    max_len: int = 1024
+    rope_theta: float = 10_000.0
+    type_vocab_size: int = 0  # >0 adds token-type (segment) embeddings, as BERT does
+    embedding_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+    tie_embeddings: bool = True
+    use_bias: bool = True
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    init_std: float = 0.02
+    causal: bool = True
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    # None: `research.models.attention.softmax_attention`; "xla" / "cudnn":
+    # jax.nn.dot_product_attention's implementations ("cudnn": NVIDIA GPU, bf16)
+    attention_impl: str | None = None
+    # causal self-attention through `softmax_attention` (attention_impl None, or attention
+    # dropout in training) runs in this many query blocks, each attending only the keys up to
+    # its last query (1 = one block; KV-cache decoding always uses one)
+    attention_query_blocks: int = 4
+
+    def __post_init__(self):
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("position", self.position, POSITIONS)
+        _check_choice("norm_placement", self.norm_placement, ("pre", "post"))
+        _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ConfigError(f"TransformerConfig.attention_impl='cudnn' needs a 16-bit compute "
+                              f"dtype (dtype='bfloat16'), got dtype={self.dtype!r}; or use "
+                              f"attention_impl='xla' or None.")
+        if not (isinstance(self.attention_query_blocks, int) and self.attention_query_blocks >= 1):
+            raise ConfigError(f"TransformerConfig.attention_query_blocks must be an integer >= 1 "
+                              f"(1 = no blocking), got {self.attention_query_blocks!r}.")
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(f"TransformerConfig.num_heads={self.num_heads} must be a multiple "
+                              f"of num_kv_heads={self.kv_heads}.")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ConfigError(f"TransformerConfig.d_model={self.d_model} is not divisible by "
+                              f"num_heads={self.num_heads}; set head_dim explicitly.")
+
+    @property
+    def kv_heads(self) -> int:
+        """K, the number of key/value heads (N for MHA, 1 for MQA)."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        """H, the width of one attention head."""
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def with_vocab(self, tokenizer_vocab_size: int) -> TransformerConfig:
+        """Fills `vocab_size` from the tokenizer (padded up to `vocab_multiple`) when unset."""
+        if self.vocab_size is not None:
+            if self.vocab_size < tokenizer_vocab_size:
+                raise ConfigError(
+                    f"TransformerConfig.vocab_size={self.vocab_size} is smaller than the tokenizer's "
+                    f"{tokenizer_vocab_size} pieces; remove the binding to size it from VOCAB.")
+            return self
+        m = max(1, self.vocab_multiple)
+        return dataclasses.replace(self, vocab_size=-(-tokenizer_vocab_size // m) * m)
+
+
+def _check_choice(name: str, value: str | None, choices: tuple[str | None, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"TransformerConfig.{name}={value!r} is not one of {choices}.")
