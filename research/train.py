@@ -16,7 +16,7 @@ code 2; a run stopped to protect its work (NaN/Inf loss, failed checkpoint save)
 
 On Linux the process re-executes itself once with huge-page malloc
 (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; ~1.6x faster CPU steps); RESEARCH_HUGEPAGES=0 turns
-that off (research/hugepages.py).
+that off (research/training/hugepages.py).
 """
 
 from __future__ import annotations

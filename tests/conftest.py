@@ -29,7 +29,7 @@ def austen_paragraphs(limit: int | None = None) -> list[str]:
 
 def causal_block_elements(t: int, blocks: int) -> int:
     """Attention score elements per (batch row, head) of causal self-attention over t tokens in
-    `blocks` query blocks (model.attention_query_blocks), each block scoring its queries
+    `blocks` query blocks (TransformerConfig.attention_query_blocks), each block scoring its queries
     against the keys up to its last query (t * t for one block)."""
     bounds = sorted({round(i * t / blocks) for i in range(blocks + 1)})
     return sum((hi - lo) * hi for lo, hi in zip(bounds, bounds[1:]))

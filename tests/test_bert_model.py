@@ -266,7 +266,7 @@ def test_sharded_train_step_equals_single_device(sp_model, single_device_run):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single_params)):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
     # The heads are really sharded: D -> D kernels ('mlp', 'embed') -> (tensor, fsdp) (the
-    # layout research/bert.py explains), the output bias over tensor, NSP ('embed', 'classes').
+    # layout research/models/bert.py explains), the output bias over tensor, NSP ('embed', 'classes').
     shardings, spec = setup.state_shardings["params"], jax.sharding.PartitionSpec
     for head in ("pooler", "mlm_transform"):
         assert shardings[head]["kernel"].spec == spec("tensor", "fsdp")
