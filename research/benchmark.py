@@ -2,7 +2,7 @@
 
   python -m research.benchmark --gin_file=configs/models/gpt_small.gin \\
       --gin_file=configs/runs/pretrain_causal.gin --gin.BATCH_SIZE=8 --gin.SEQ_LEN=256 \\
-      --steps 5 --warmup 2 [--compare=hf_torch]
+      --steps 5 --warmup 2 [--compare=hf_torch|hf_torch_compile] [--profile_steps=0:2]
 
 Builds the run exactly as `python -m research.train` would (same gin files and bindings, same
 `build_setup`/`make_train_step`: mesh, sharding, optimizer, dropout), but feeds random tokens
@@ -19,17 +19,39 @@ Like research.train it re-executes itself once with huge-page malloc on Linux
 (`host_malloc_hugepages`). So that this happens before JAX is loaded, JAX, torch and the
 research modules that import JAX are imported inside the functions that use them.
 
-MFU peak: the bf16 dense matmul peak of the accelerator (table below) on TPU/GPU; on CPU a
-matmul peak measured in the same run with a large `jnp.dot` in the model's compute dtype
-(before and after the timed steps; the higher is used, so a busy machine lowers the MFU
-rather than raising it).
+MFU peak (`device_peak_flops`; the JSON's peak_flops_source says which was used): on GPU/TPU
+the dense matmul peak of the accelerator for the compute dtype: the bf16 table below for
+bfloat16/float16; for float32 on GPU the TF32 tensor-core table, because XLA's default float32
+dot precision on GPU is TF32; for float32 on TPU the bf16 table, because TPU float32 dots run
+as bf16 passes by default. On CPU a matmul peak measured in the same run with a large
+`jnp.dot` in the compute dtype (before and after the timed steps; the higher is used, so a
+busy machine lowers the MFU rather than raising it).
 
 `--compare=hf_torch` also runs the same shapes (layers, width, heads, MLP, vocabulary, batch,
-sequence; forward, backward, gradient clipping and an AdamW step) through Hugging Face
+sequence, dropout; forward, backward, gradient clipping and an AdamW step) through Hugging Face
 transformers' PyTorch GPT2LMHeadModel (causal LM) or BertForPreTraining (BERT pretraining),
-built from a config (nothing downloaded), with torch using every CPU thread, and reports the
-tokens/s ratio ours / peer. (BertForPreTraining computes MLM logits at every position, ours
-only at the gathered ones; GPT2LMHeadModel's loss covers T - 1 positions.)
+built from a config (nothing downloaded), and reports the tokens/s ratio ours / peer and the
+peer's MFU (our model FLOPs per step / its step time / the same peak; it runs on one device).
+Where torch sees a GPU the peer runs there (float32 weights, bf16 autocast when ours computes
+in bfloat16, TF32 for float32 as XLA does, fused AdamW, SDPA attention); on CPU with weights
+in the compute dtype on every thread. `--compare=hf_torch_compile` adds torch.compile (its
+warm-up, at least one step, includes the compilation); `--compare=hf_torch,hf_torch_compile`
+runs both, one after the other (JSON: `peers`, by name; `compare` is the first). The peer
+runs in this process after ours, so with --compare JAX does not preallocate GPU memory
+(XLA_PYTHON_CLIENT_PREALLOCATE=false unless set; the JSON's jax_gpu_preallocate). Details:
+research/benchmark_peer.py.
+
+`--profile_steps=N:M` writes a jax.profiler trace of the timed steps N..M-1 (0-based, after
+compilation and warm-up) to --profile_dir (default runs/profile), viewable in TensorBoard's
+profile plugin or XProf (research/profiling.py). The traced steps are timed too: tracing adds
+some host overhead to them.
+
+`--data_only` times the input pipeline alone (research/benchmark_data.py): the objective's
+training iterator over the run's TRAIN_DATA at BATCH_SIZE x SEQ_LEN, `--warmup` batches
+untimed, then `--data_batches` timed; no model is built. The JSON reports
+`data_tokens_per_sec`. `--data_only=with_step` also runs the train-step benchmark above and
+prints `data_to_step_ratio` = data_tokens_per_sec / tokens_per_sec (above 1: the input
+pipeline keeps up with the accelerator).
 """
 
 from __future__ import annotations
@@ -40,12 +62,12 @@ import os
 import resource
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import gin
 import numpy as np
 
-from research import cli, logs
+from research import benchmark_data, benchmark_peer, cli, logs, profiling
 from research.errors import ConfigError
 from research.config import parse_gin, split_gin_bindings
 from research.training import hugepages
@@ -60,17 +82,37 @@ PEAK_BF16_FLOPS = (
     ("h100 pcie", 756e12), ("h100", 989e12),
     ("a100", 312e12),
 )
+# Dense TF32 tensor-core peaks (FLOP/s per device) of GPUs: what float32 dots run at under
+# XLA's default precision on GPU.
+PEAK_TF32_FLOPS = (
+    ("h200", 494.7e12),
+    ("h100 pcie", 378e12), ("h100", 494.7e12),
+    ("a100", 156e12),
+)
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
 def device_peak_flops(device, dtype: str = "float32") -> tuple[float, str]:
-    """(peak FLOP/s of one device, where it came from)."""
+    """(peak FLOP/s of one device for compute dtype `dtype`, where it came from).
+
+    GPU/TPU: the dense matmul peak from a table by `device.device_kind`. bfloat16/float16: the
+    bf16 table. float32 on GPU: the TF32 table, as XLA's default float32 dot precision on GPU
+    is TF32 (tensor cores); float32 on TPU: the bf16 table, as TPU float32 dots run as bf16
+    passes by default. An unknown accelerator: NaN. CPU: measured (`measure_matmul_peak`)."""
     kind = getattr(device, "device_kind", "").lower()
-    if device.platform != "cpu":
-        for key, peak in PEAK_BF16_FLOPS:
-            if key in kind:
-                return peak, f"bf16 table ({device.device_kind})"
-        return float("nan"), f"unknown device {device.device_kind!r}"
-    return measure_matmul_peak(dtype), f"measured {dtype} jnp.dot on {device.device_kind}"
+    if device.platform == "cpu":
+        return measure_matmul_peak(dtype), f"measured {dtype} jnp.dot on {device.device_kind}"
+    if dtype == "float32" and device.platform in GPU_PLATFORMS:
+        table = PEAK_TF32_FLOPS
+        source = "tf32 table ({}; XLA runs float32 dots on GPU in TF32 by default)"
+    else:
+        table = PEAK_BF16_FLOPS
+        source = ("bf16 table ({}; TPU float32 dots run as bf16 passes by default)"
+                  if dtype == "float32" else "bf16 table ({})")
+    for key, peak in table:
+        if key in kind:
+            return peak, source.format(device.device_kind)
+    return float("nan"), f"unknown device {device.device_kind!r}"
 
 
 def measure_matmul_peak(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
@@ -123,8 +165,10 @@ def peak_memory_bytes(device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process max RSS"
 
 
-def run_ours(run: dict, steps: int, warmup: int, seed: int) -> dict:
-    """Builds the run as research.train does, times its train step on synthetic batches."""
+def run_ours(run: dict, steps: int, warmup: int, seed: int,
+             profile: profiling.StepProfiler | None = None) -> dict:
+    """Builds the run as research.train does, times its train step on synthetic batches;
+    `profile` traces its window of the timed steps."""
     import jax
 
     from research.models.transformer import count_params
@@ -156,12 +200,7 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int) -> dict:
         for _ in range(warmup):
             state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics) if warmup else state)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready((state, metrics))
-            times.append(time.perf_counter() - t0)
+        state, metrics, times = time_steps(compiled, state, batch, steps, profile)
     loss = jax.device_get(metrics["loss"])
     # Measured CPU peaks are taken before and after the timed steps and the higher one kept:
     # a neighbour stealing cycles during one measurement must not inflate the MFU.
@@ -175,6 +214,7 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int) -> dict:
         "objective": setup.objective.name, "num_layers": cfg.num_layers, "d_model": cfg.d_model,
         "num_heads": cfg.num_heads, "mlp_dim": cfg.mlp_dim, "vocab_size": cfg.vocab_size,
         "batch_size": batch_size, "seq_len": seq_len, "dtype": cfg.dtype,
+        "dropout_rate": cfg.dropout_rate, "attention_dropout_rate": cfg.attention_dropout_rate,
         "params": count_params(state["params"]), "devices": n_dev,
         "device_kind": device.device_kind, "mesh": dict(setup.mesh.shape),
         "steps": steps, "warmup": warmup, "step_time_s": step_time,
@@ -187,103 +227,35 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int) -> dict:
         "mfu": model_flops / step_time / (peak * n_dev),
         "peak_memory_bytes": memory, "peak_memory_source": memory_source,
         "compile_time_s": compile_s, "host_malloc_hugepages": hugepages.active(),
+        "jax_gpu_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true"),
         "final_loss": float(loss[0]) / max(float(loss[1]), 1e-12),
         "_cfg": cfg, "_objective": setup.objective,
     }
 
 
-def _gpt2_peer(transformers, cfg, objective, ids, act: str, rng) -> tuple[Any, dict, str]:
-    """HF GPT2LMHeadModel with the shapes of `cfg` (causal LM); (model, inputs, name)."""
-    del objective, rng
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=max(cfg.max_len, ids.shape[1]), n_embd=cfg.d_model,
-        n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.mlp_dim,
-        activation_function=act, resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate,
-        attn_pdrop=cfg.attention_dropout_rate, layer_norm_epsilon=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(hf_cfg), {"input_ids": ids, "labels": ids}, "GPT2LMHeadModel"
+def time_steps(compiled: Any, state: Any, batch: Any, steps: int,
+               profile: profiling.StepProfiler | None = None) -> tuple[Any, Any, list[float]]:
+    """Runs `steps` train steps, blocking on each; (state, last metrics, seconds per step).
+    The profiler's trace starts and stops outside the timed spans."""
+    import jax
 
-
-def _bert_peer(transformers, cfg, objective, ids, act: str, rng) -> tuple[Any, dict, str]:
-    """HF BertForPreTraining with the shapes of `cfg`, MLM labels at P random positions per
-    row and random NSP labels; (model, inputs, name)."""
-    import torch
-    batch_size, seq_len = ids.shape
-    hf_cfg = transformers.BertConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim, hidden_act=act,
-        hidden_dropout_prob=cfg.dropout_rate,
-        attention_probs_dropout_prob=cfg.attention_dropout_rate,
-        max_position_embeddings=max(cfg.max_len, seq_len),
-        type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings)
-    model = transformers.BertForPreTraining(hf_cfg)
-    p = objective.max_predictions_per_seq
-    labels = torch.full((batch_size, seq_len), -100, dtype=torch.int64)
-    for row in range(batch_size):
-        pos = rng.choice(np.arange(1, seq_len), size=min(p, seq_len - 1), replace=False)
-        labels[row, pos] = ids[row, pos]
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-              "token_type_ids": torch.ones_like(ids), "labels": labels,
-              "next_sentence_label": torch.from_numpy(rng.integers(0, 2, batch_size))}
-    return model, inputs, "BertForPreTraining"
-
-
-def hf_peers() -> dict[type, Callable]:
-    """{objective class: builder of its Hugging Face PyTorch peer}."""
-    from research.objectives.bert_pretraining import BertPretrainingObjective
-    from research.objectives.causal_lm import CausalLMObjective
-    return {CausalLMObjective: _gpt2_peer, BertPretrainingObjective: _bert_peer}
-
-
-def run_hf_torch(cfg, objective, batch_size: int, seq_len: int, steps: int, warmup: int,
-                 learning_rate: float, seed: int = 0) -> dict:
-    """The same shapes through HF transformers' PyTorch model with an AdamW step."""
-    import torch
-    import transformers
-
-    peers = hf_peers()
-    build = peers.get(type(objective))
-    if build is None:
-        raise ConfigError(f"--compare=hf_torch supports {', '.join(c.__name__ for c in peers)}, "
-                          f"not {type(objective).__name__}; drop --compare for this run.")
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(seed)
-    act = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}.get(cfg.activation)
-    if act is None:
-        raise ConfigError(f"--compare=hf_torch: no HF equivalent of activation {cfg.activation!r}; "
-                          "drop --compare for this model.")
-    rng = np.random.default_rng(seed)
-    ids = torch.from_numpy(rng.integers(0, cfg.vocab_size, (batch_size, seq_len)).astype(np.int64))
-    model, inputs, name = build(transformers, cfg, objective, ids, act, rng)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    model = model.to(dtype).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = model(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss
-
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
+    times, metrics = [], None
+    for i in range(steps):
+        if profile is not None:
+            profile.before(i, state)
         t0 = time.perf_counter()
-        step()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
-    step_time = float(np.median(times))
-    return {"model": name, "transformers": transformers.__version__, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters()),
-            "step_time_s": step_time, "step_times_s": [float(t) for t in times],
-            "tokens_per_sec": batch_size * seq_len / step_time}
+        if profile is not None:
+            profile.after(i, (state, metrics))
+    if profile is not None:
+        profile.close()
+    return state, metrics, times
 
 
 TABLE_HEADER = ("| machine | run | precision | step (median) | tokens/s | model FLOPs/step | MFU (peak) "
-                "| peak memory | compile | peer tokens/s | ours / peer |\n|" + "---|" * 11)
+                "| peak memory | compile | peer tokens/s | peer MFU | ours / peer |\n|" + "---|" * 12)
 
 
 def table_row(result: dict, gin_files: list[str]) -> str:
@@ -293,14 +265,20 @@ def table_row(result: dict, gin_files: list[str]) -> str:
     if result["device_kind"] == "cpu":
         machine += f" ({os.cpu_count()} cores)"
     peer = result.get("compare")
-    peer_tps = f"{peer['tokens_per_sec']:.0f} ({peer['model']})" if peer else "-"
-    ratio = f"{result['compare_ratio']:.2f}x" if peer else "-"
-    return (f"| {machine} | {names}, batch {result['batch_size']} x {result['seq_len']} "
+    peer_tps = peer_mfu = ratio = "-"
+    if peer:
+        how = ", torch.compile" if peer.get("compiled") else ""
+        peer_tps = f"{peer['tokens_per_sec']:.0f} ({peer['model']}{how})"
+        peer_mfu = f"{100 * peer['mfu']:.1f}%"
+        ratio = f"{result['compare_ratio']:.2f}x"
+    drop = (f", dropout {result['dropout_rate']:g}/{result['attention_dropout_rate']:g}"
+            if "dropout_rate" in result else "")
+    return (f"| {machine} | {names}, batch {result['batch_size']} x {result['seq_len']}{drop} "
             f"| {result['dtype']} | {result['step_time_s']:.2f} s | {result['tokens_per_sec']:.0f} "
             f"| {result['model_flops_per_step']:.3e} | {100 * result['mfu']:.1f}% "
             f"({result['peak_flops_per_device'] / 1e12:.3f} TFLOP/s) "
             f"| {_fmt_bytes(result['peak_memory_bytes'])} | {result['compile_time_s']:.1f} s "
-            f"| {peer_tps} | {ratio} |")
+            f"| {peer_tps} | {peer_mfu} | {ratio} |")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -309,6 +287,63 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def print_result(result: dict, cfg: Any) -> None:
+    """The human-readable lines of our result."""
+    print(f"model: {result['objective']} L={cfg.num_layers} D={cfg.d_model} N={cfg.num_heads} "
+          f"F={cfg.mlp_dim} V={cfg.vocab_size} ({result['params'] / 1e6:.1f}M params), "
+          f"batch {result['batch_size']} x seq {result['seq_len']}, {cfg.dtype}")
+    print(f"devices: {result['devices']} x {result['device_kind']}, mesh {result['mesh']}")
+    print(f"host malloc:         {'transparent huge pages' if result['host_malloc_hugepages'] else '4 KiB pages'} "
+          f"(research.training.hugepages; RESEARCH_HUGEPAGES=0 turns it off)")
+    print(f"compile time:        {result['compile_time_s']:.2f} s")
+    print(f"step time:           {result['step_time_s'] * 1e3:.1f} ms (median of {result['steps']}; "
+          f"mean {result['step_time_mean_s'] * 1e3:.1f}, min {result['step_time_min_s'] * 1e3:.1f} ms)")
+    print(f"tokens/s:            {result['tokens_per_sec']:.1f} "
+          f"({result['tokens_per_sec_per_device']:.1f} per device)")
+    print(f"model FLOPs/step:    {result['model_flops_per_step']:.4g} "
+          f"({result['model_flops_per_sec'] / 1e12:.3f} TFLOP/s)")
+    print(f"peak FLOP/s/device:  {result['peak_flops_per_device'] / 1e12:.3f} T "
+          f"({result['peak_flops_source']})")
+    print(f"MFU:                 {100 * result['mfu']:.1f}%")
+    print(f"peak memory:         {_fmt_bytes(result['peak_memory_bytes'])} "
+          f"({result['peak_memory_source']})")
+
+
+def compare(result: dict, peer_name: str, cfg: Any, objective: Any, args: argparse.Namespace,
+            learning_rate: float) -> None:
+    """Runs the peer on our shapes, prints it and adds it to `peers` (with its MFU: our model
+    FLOPs per step / its step time / our per-device peak, and our tokens/s over its); the
+    first peer is also `compare` (and `compare_ratio`), the README table's peer."""
+    peer = benchmark_peer.run_hf_torch(cfg, objective, result["batch_size"], result["seq_len"],
+                                       args.steps, args.warmup, learning_rate, args.seed,
+                                       peer=peer_name)
+    peer["mfu"] = (result["model_flops_per_step"] / peer["step_time_s"]
+                   / result["peak_flops_per_device"])
+    ratio = result["tokens_per_sec"] / peer["tokens_per_sec"]
+    print(f"{peer_name}: {benchmark_peer.describe(peer)}")
+    warm = (f"; warm-up {peer['warmup']} step(s) {peer['warmup_s']:.1f} s, compilation included"
+            if peer["compiled"] else "")
+    print(f"{peer_name}: step {peer['step_time_s'] * 1e3:.1f} ms (median of {args.steps}), "
+          f"{peer['tokens_per_sec']:.1f} tokens/s, MFU {100 * peer['mfu']:.1f}% (same model "
+          f"FLOPs and peak as ours){warm}")
+    print(f"ours / {peer_name} tokens/s: {ratio:.2f}x")
+    entry = {"peer": peer_name, **peer, "ratio_tokens_per_sec": ratio}
+    result.setdefault("peers", {})[peer_name] = entry
+    if "compare" not in result:
+        result["compare"], result["compare_ratio"] = entry, ratio
+
+
+def _print_trace_summary(profile_dir: str) -> None:
+    """Where the traced steps' device time went (research.trace_summary), top 15 kernels."""
+    from research import trace_summary
+    try:
+        totals, source = trace_summary.kernel_times(trace_summary.newest_trace(profile_dir))
+    except FileNotFoundError:
+        return  # a profiler that wrote no trace.json.gz: the xplane.pb is still there
+    print(f"profile ({source}):")
+    print(trace_summary.summary(totals, top=15))
 
 
 @cli.entry_point
@@ -322,11 +357,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compare", choices=["hf_torch"], default=None,
-                        help="also run the same shapes through a peer implementation")
+    parser.add_argument("--compare", type=benchmark_peer.parse_peers, default=None,
+                        metavar="{hf_torch,hf_torch_compile}[,...]",
+                        help="also run the same shapes through the Hugging Face PyTorch peer "
+                             "(on the GPU when torch sees one), eager and/or torch.compile'd; "
+                             "several comma-separated run one after the other")
+    parser.add_argument("--profile_steps", type=profiling.parse_steps, default=None,
+                        metavar="N:M", help="jax.profiler trace of the timed steps N..M-1 "
+                                            "(0-based, after warm-up) into --profile_dir")
+    parser.add_argument("--profile_dir", default="runs/profile",
+                        help="where --profile_steps writes its trace (default: runs/profile)")
+    parser.add_argument("--data_only", nargs="?", const="alone", default=None,
+                        choices=("alone", "with_step"),
+                        help="time the input pipeline alone (data_tokens_per_sec); =with_step "
+                             "also times the train step and prints the ratio")
+    parser.add_argument("--data_batches", type=int, default=100,
+                        help="timed batches of --data_only (default: 100)")
     args = parser.parse_args(rest)
     if not args.gin_file:
         parser.error("pass --gin_file (a model config, then a run config)")
+    if args.data_only == "alone" and (args.compare or args.profile_steps):
+        parser.error("--compare and --profile_steps time the train step, which --data_only "
+                     "skips; use --data_only=with_step")
+    profile = None
+    if args.profile_steps is not None:
+        profiling.check_window(args.profile_steps, args.steps, f"--steps={args.steps}")
+        cli.check_output_dir(args.profile_dir, "--profile_dir")
+        profile = profiling.StepProfiler(args.profile_steps, args.profile_dir)
+    if args.compare:
+        # The peer runs in this process after ours; JAX's GPU memory preallocation (most of
+        # the memory) would leave it little, so JAX allocates as it goes (unless set).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     parse_gin(args.gin_file, bindings)
     from research.training.run_config import RunConfig
     run = gin.get_bindings(RunConfig)
@@ -336,36 +397,25 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"the gin files bind no train.{', train.'.join(missing)}; pass a model "
                           "config then a run config (configs/models/*.gin, configs/runs/*.gin).")
 
-    result = run_ours(run, args.steps, args.warmup, args.seed)
+    if args.data_only:
+        data = benchmark_data.run_data(run, args.data_batches, args.warmup, args.seed)
+        benchmark_data.print_data_result(data)
+        if args.data_only == "alone":
+            print(json.dumps(data))
+            return 0
+    result = run_ours(run, args.steps, args.warmup, args.seed, profile)
     cfg, objective = result.pop("_cfg"), result.pop("_objective")
-    print(f"model: {result['objective']} L={cfg.num_layers} D={cfg.d_model} N={cfg.num_heads} "
-          f"F={cfg.mlp_dim} V={cfg.vocab_size} ({result['params'] / 1e6:.1f}M params), "
-          f"batch {result['batch_size']} x seq {result['seq_len']}, {cfg.dtype}")
-    print(f"devices: {result['devices']} x {result['device_kind']}, mesh {result['mesh']}")
-    print(f"host malloc:         {'transparent huge pages' if result['host_malloc_hugepages'] else '4 KiB pages'} "
-          f"(research.training.hugepages; RESEARCH_HUGEPAGES=0 turns it off)")
-    print(f"compile time:        {result['compile_time_s']:.2f} s")
-    print(f"step time:           {result['step_time_s'] * 1e3:.1f} ms (median of {args.steps}; "
-          f"mean {result['step_time_mean_s'] * 1e3:.1f}, min {result['step_time_min_s'] * 1e3:.1f} ms)")
-    print(f"tokens/s:            {result['tokens_per_sec']:.1f} "
-          f"({result['tokens_per_sec_per_device']:.1f} per device)")
-    print(f"model FLOPs/step:    {result['model_flops_per_step']:.4g} "
-          f"({result['model_flops_per_sec'] / 1e12:.3f} TFLOP/s)")
-    print(f"peak FLOP/s/device:  {result['peak_flops_per_device'] / 1e12:.3f} T "
-          f"({result['peak_flops_source']})")
-    print(f"MFU:                 {100 * result['mfu']:.1f}%")
-    print(f"peak memory:         {_fmt_bytes(result['peak_memory_bytes'])} "
-          f"({result['peak_memory_source']})")
-    if args.compare == "hf_torch":
-        peer = run_hf_torch(cfg, objective, result["batch_size"], result["seq_len"], args.steps,
-                            args.warmup, run["learning_rate"], args.seed)
-        ratio = result["tokens_per_sec"] / peer["tokens_per_sec"]
-        print(f"hf_torch ({peer['model']}, torch {peer['torch']}, {peer['threads']} threads, "
-              f"{peer['params'] / 1e6:.1f}M params): step {peer['step_time_s'] * 1e3:.1f} ms, "
-              f"{peer['tokens_per_sec']:.1f} tokens/s")
-        print(f"ours / hf_torch tokens/s: {ratio:.2f}x")
-        result["compare"] = {"peer": "hf_torch", **peer, "ratio_tokens_per_sec": ratio}
-        result["compare_ratio"] = ratio
+    if profile is not None:
+        result["profile"] = {"steps": list(args.profile_steps), "dir": args.profile_dir,
+                             "files": profiling.trace_files(args.profile_dir)[-1:]}
+    print_result(result, cfg)
+    if profile is not None:
+        _print_trace_summary(args.profile_dir)
+    for peer_name in args.compare or []:
+        compare(result, peer_name, cfg, objective, args, run["learning_rate"])
+    if args.data_only:
+        result.update(data)
+        benchmark_data.add_ratio(result)
     print(f"table row: {table_row(result, args.gin_file)}")
     print(json.dumps(result))
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 from typing import Any, Sequence
 
 import gin
@@ -15,6 +16,11 @@ import gin
 from research.errors import ConfigError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Multi-process runs (initialize_distributed): seconds without a heartbeat before a process is
+# declared dead, and seconds a finishing process waits for the others; flags, else these
+# environment variables, else these defaults.
+HEARTBEAT_ENV, SHUTDOWN_ENV = "RESEARCH_HEARTBEAT_TIMEOUT_S", "RESEARCH_SHUTDOWN_TIMEOUT_S"
+DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_SHUTDOWN_TIMEOUT_S = 30, 120
 
 
 def split_gin_bindings(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -54,6 +60,15 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         help="host:port of process 0 for multi-host jax.distributed.initialize")
     parser.add_argument("--num_processes", type=int, default=None, help="total processes (hosts)")
     parser.add_argument("--process_id", type=int, default=None, help="this process's index")
+    parser.add_argument("--heartbeat_timeout_s", type=int, default=None,
+                        help="multi-process runs: a process that sends the JAX distributed "
+                             "service no heartbeat for this long is declared dead and every "
+                             "other process stops with an error naming it (default "
+                             f"${HEARTBEAT_ENV} or {DEFAULT_HEARTBEAT_TIMEOUT_S})")
+    parser.add_argument("--shutdown_timeout_s", type=int, default=None,
+                        help="multi-process runs: how long a finishing process waits for the "
+                             f"others at exit (default ${SHUTDOWN_ENV} or "
+                             f"{DEFAULT_SHUTDOWN_TIMEOUT_S})")
 
 
 def resolve_gin_file(path: str) -> str:
@@ -120,11 +135,101 @@ def check_required(fn: Any, name: str, gin_files: Sequence[str], bindings: Seque
 
 def initialize_distributed(args: argparse.Namespace) -> None:
     """jax.distributed.initialize from flags, or auto-detected (Cloud TPU, SLURM) when the
-    environment says we are one of several processes."""
+    environment says we are one of several processes. Must run before anything touches a
+    JAX backend.
+
+    With several processes, a killed process (kill -9, OOM, a lost host) never leaves the
+    others waiting forever in a collective: the distributed service (in process 0) misses its
+    heartbeats for `--heartbeat_timeout_s` and aborts every other process with `... The
+    following tasks are unhealthy (stopped sending heartbeats): N` (N = the lost process id);
+    if process 0 itself dies, the others abort at their next call to the service (`the leader
+    task was preempted/died`). On the CPU backend the XLA thread pools are also enlarged
+    (`_cpu_collective_threads`, the fix for the multi-process CPU hang)."""
     import jax  # see parse_gin: research.sweep imports this module without jax
+    timeouts = {"heartbeat_timeout_seconds": _timeout(args, "heartbeat_timeout_s", HEARTBEAT_ENV,
+                                                      DEFAULT_HEARTBEAT_TIMEOUT_S),
+                "shutdown_timeout_seconds": _timeout(args, "shutdown_timeout_s", SHUTDOWN_ENV,
+                                                     DEFAULT_SHUTDOWN_TIMEOUT_S)}
     if args.coordinator_address or args.num_processes:
+        if args.num_processes is not None and args.num_processes > 1:
+            _cpu_collective_threads()
         jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+                                   num_processes=args.num_processes, process_id=args.process_id,
+                                   **timeouts)
     elif any(v in os.environ for v in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")):
         if int(os.environ.get("SLURM_NTASKS", "2")) > 1:
-            jax.distributed.initialize()
+            _cpu_collective_threads()
+            jax.distributed.initialize(**timeouts)
+
+
+def _timeout(args: argparse.Namespace, flag: str, env: str, default: int) -> int:
+    """A positive number of seconds: the flag, else the environment variable, else `default`."""
+    value, source = getattr(args, flag, None), f"--{flag}"
+    if value is None and os.environ.get(env, "").strip():
+        value, source = os.environ[env].strip(), f"${env}"
+    if value is None:
+        return default
+    try:
+        seconds = int(value)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise ConfigError(f"{source}={value} is not a positive whole number of seconds; "
+                          f"use e.g. --{flag}={default}.")
+    return seconds
+
+
+def _cpu_collective_threads() -> None:
+    """Multi-process runs on the CPU backend: sizes XLA:CPU's thread pools (PJRT_NPROC, read
+    when the CPU client is created, so before any computation) to the CPU count plus two
+    threads per local device, unless PJRT_NPROC or NPROC is set already.
+
+    Why (the multi-process CPU hang, issue 19): the CPU client's pool has max(CPUs, local
+    devices) threads, 4 for 4 simulated devices on a 2-core machine. A program over several
+    devices is launched by one pool task per device, and each device's execution then holds
+    a pool thread until it ends, blocked in its gloo collectives until every participant, in
+    every process, has joined. A launch task also blocks its thread while its device already
+    has 32 computations in flight (XLA's per-device in-flight semaphore), which is the normal
+    state when the host dispatches steps ahead. Seen in a hung run (gdb): in process 1 three
+    pool threads ran three devices' step (one in an all-gather, two in an all-reduce) and the
+    fourth sat in a later step's launch, waiting on that semaphore, so the fourth device's
+    step, ready to run, had no thread; process 0's four devices waited in the all-reduce for
+    it, forever. The collectives' order was never the problem: no thread was left to run the
+    last participant. With 2 threads per device (one running it, one for a launch blocked on
+    its semaphore) plus one per CPU, a device's execution always finds a thread
+    (tools/stress_multihost.py). Only the CPU backend with several processes is touched: one
+    process uses in-process collectives, and GPUs and TPUs run collectives on the device."""
+    import jax
+    platforms = [p.strip() for p in (jax.config.jax_platforms or "").split(",") if p.strip()]
+    if platforms and platforms[0] != "cpu":
+        return
+    if not platforms and _accelerator_plugin_installed():
+        return
+    if "PJRT_NPROC" in os.environ or "NPROC" in os.environ:
+        return
+    os.environ["PJRT_NPROC"] = str((os.cpu_count() or 1) + 2 * _local_cpu_devices())
+
+
+def _local_cpu_devices() -> int:
+    """Devices the CPU backend will create in this process (jax_num_cpu_devices, else XLA's
+    --xla_force_host_platform_device_count, else 1)."""
+    import jax
+    configured = jax.config.jax_num_cpu_devices
+    if configured is not None and configured > 0:
+        return configured
+    found = re.findall(r"--xla_force_host_platform_device_count=(\d+)",
+                       os.environ.get("XLA_FLAGS", ""))
+    return int(found[-1]) if found else 1
+
+
+def _accelerator_plugin_installed() -> bool:
+    """Whether JAX, with JAX_PLATFORMS unset, could pick a GPU or TPU backend over the CPU."""
+    import importlib.util
+    import pkgutil
+    if importlib.util.find_spec("libtpu") is not None:
+        return True
+    try:
+        import jax_plugins
+    except ImportError:
+        return False
+    return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))

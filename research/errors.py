@@ -11,6 +11,9 @@ attention, and their message names the culprit and the fix:
   RunStoppedError (exit 1)    a run stopped to protect its work
     NonFiniteError            NaN/Inf loss or gradient (train.on_nonfinite='stop')
     CheckpointSaveError       a checkpoint could not be written; earlier ones are intact
+    HangError (exit 75)       a step, eval or checkpoint save/restore ran past
+                              train.hang_timeout_s (research/training/watchdog.py); a scheduler
+                              or research.sweep (reason `hang`) reruns it and it resumes
 """
 
 from __future__ import annotations
@@ -50,6 +53,14 @@ class NonFiniteError(RunStoppedError):
 
 class CheckpointSaveError(RunStoppedError):
     """A checkpoint could not be written (disk full, I/O error); earlier ones are intact."""
+
+
+class HangError(RunStoppedError):
+    """A phase of training ran past train.hang_timeout_s. The watchdog thread prints it and
+    exits with `exit_code` itself (os._exit: the stuck main thread cannot raise); 75 is
+    EX_TEMPFAIL, "try again", and research.sweep records such a trial as failed, reason hang."""
+
+    exit_code = 75
 
 
 # The errors the CLIs turn into one `error:` line (everything else is a bug: traceback).

@@ -9,10 +9,13 @@ Example:
       --gin.TRAIN_STEPS=200 --gin.MESH_SHAPE="{'data': 2, 'fsdp': 2, 'tensor': 2}" --workdir=/tmp/run
 
 Writes DIR/config.gin (operative config), DIR/run.json, DIR/metrics.jsonl, DIR/checkpoints/
-(Orbax) and DIR/tensorboard/. SIGTERM/SIGINT save a checkpoint and exit 0 (re-run to resume);
-a second run on a DIR in use, or with a different config, is refused. A mistake in the input
-(config, flags, data, tokenizer, checkpoint, workdir) ends with one `error:` line and exit
-code 2; a run stopped to protect its work (NaN/Inf loss, failed checkpoint save) with exit 1.
+(Orbax) and DIR/tensorboard/; with --profile_steps=N:M also a jax.profiler trace of the steps
+that take the step counter from N to M (metrics.jsonl steps N+1..M) in DIR/profile (view it
+with `tensorboard --logdir DIR/profile`, profile plugin, or XProf; research/profiling.py).
+SIGTERM/SIGINT save a checkpoint and exit 0 (re-run to resume); a second run on a DIR in use,
+or with a different config, is refused. A mistake in the input (config, flags, data,
+tokenizer, checkpoint, workdir) ends with one `error:` line and exit code 2; a run stopped to
+protect its work (NaN/Inf loss, failed checkpoint save) with exit 1.
 
 On Linux the process re-executes itself once with huge-page malloc
 (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; ~1.6x faster CPU steps); RESEARCH_HUGEPAGES=0 turns
@@ -24,7 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from research import cli, logs
+from research import cli, logs, profiling
 from research import workdir as workdir_lib
 from research.config import (add_common_flags, check_required, initialize_distributed, parse_gin,
                              split_gin_bindings)
@@ -41,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
                "strings quoted: --gin.TRAIN_DATA=\"'text:data/*.txt'\").")
     parser.add_argument("--workdir", required=True,
                         help="run directory: config.gin, metrics.jsonl, checkpoints/, tensorboard/")
+    parser.add_argument("--profile_steps", type=profiling.parse_steps, default=None,
+                        metavar="N:M",
+                        help="jax.profiler trace of the steps N..M-1 (0-based: the M-N steps "
+                             "after the first N, metrics.jsonl steps N+1..M) into DIR/profile")
     add_common_flags(parser)
     args = parser.parse_args(rest)
     cli.check_output_dir(args.workdir, "--workdir")
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from research.training.run_config import RunConfig
     parse_gin(args.gin_file, bindings)
     check_required(RunConfig, "train", args.gin_file, bindings)  # before any compute
-    metrics = train(args.workdir)
+    metrics = train(args.workdir, profile_steps=args.profile_steps)
     if jax.process_index() == 0 and metrics:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                           if k.endswith(("loss", "accuracy", "perplexity", "f1")))

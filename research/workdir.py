@@ -192,6 +192,7 @@ RESUMABLE_KEYS = frozenset({
     "TRAIN_STEPS", "train.num_steps", "train.num_epochs", "train.log_every", "train.eval_every",
     "train.eval_steps", "train.checkpoint_every", "train.keep_checkpoints",
     "train.async_checkpoints", "train.progress_bar", "train.on_nonfinite",
+    "train.hang_timeout_s",
 })
 
 # Bindings that only choose how the same computation is laid out on the devices (sharding,

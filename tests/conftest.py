@@ -6,8 +6,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import contextlib
 import glob
 import pathlib
+import resource
+import signal
+import subprocess
+import tempfile
+import time
+from typing import Sequence
 
 import gin
 import pytest
@@ -40,6 +47,121 @@ def env_without_hugepage_settings(**extra: str) -> dict[str, str]:
     about huge-page malloc on its own, research.training.hugepages), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESEARCH_HUGEPAGES")}
     return {**env, **extra}
+
+
+@contextlib.contextmanager
+def _no_core_dumps():
+    """Children started inside inherit a zero core-file limit, so the SIGABRT sent on a timeout
+    (to dump stacks) leaves no core file. Set here and restored, rather than in a preexec_fn:
+    running Python in a forked child of this multithreaded (JAX) process could deadlock."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+
+
+class ChildProcesses:
+    """Child processes started together, for tests that run several at once (a multi-process
+    run). Each child's stdout and stderr go to files, so none blocks on a full pipe while the
+    test waits on another, and each runs with PYTHONFAULTHANDLER=1 in its own process group.
+
+    `wait(timeout)` returns their CompletedProcess results; if any is still running after
+    `timeout` seconds it is a hang: every running child gets SIGABRT, so faulthandler writes
+    all its threads' Python stacks to stderr, then SIGKILL (its whole group), and the test
+    fails with each child's return code and stderr tail. Used as a context manager, leaving
+    the block kills whatever still runs."""
+
+    def __init__(self, commands: Sequence[Sequence[str]], *, cwd=ROOT,
+                 env: dict[str, str] | None = None):
+        self.commands = [list(c) for c in commands]
+        self._files = []
+        self.procs: list[subprocess.Popen] = []
+        child_env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
+        for command in self.commands:
+            out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+            self._files.append((out, err))
+            with _no_core_dumps():
+                self.procs.append(subprocess.Popen(command, cwd=cwd, env=child_env, stdout=out,
+                                                   stderr=err, start_new_session=True))
+
+    def __enter__(self) -> "ChildProcesses":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill_all()
+        for out, err in self._files:
+            out.close()
+            err.close()
+
+    def running(self) -> list[int]:
+        """Indices of the children still running."""
+        return [i for i, p in enumerate(self.procs) if p.poll() is None]
+
+    def output(self, i: int) -> tuple[str, str]:
+        """Child i's (stdout, stderr) so far."""
+        return tuple(_read(f) for f in self._files[i])
+
+    def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Sends `sig` to child i (not its group: a kill -9 of that one process)."""
+        if self.procs[i].poll() is None:
+            os.kill(self.procs[i].pid, sig)
+
+    def kill_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+
+    def wait(self, timeout: float) -> list[subprocess.CompletedProcess]:
+        """Waits up to `timeout` seconds in all for every child; see the class docstring."""
+        deadline = time.monotonic() + timeout
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        hung = self.running()
+        if hung:
+            self.dump_stacks_and_kill()
+            pytest.fail(f"child process(es) {hung} still running after {timeout:.0f} s: a hang. "
+                        "Python stacks of every thread (faulthandler) and each child's stderr:\n"
+                        + self.report(), pytrace=False)
+        return [subprocess.CompletedProcess(c, p.returncode, *self.output(i))
+                for i, (c, p) in enumerate(zip(self.commands, self.procs))]
+
+    def dump_stacks_and_kill(self, grace: float = 10.0) -> None:
+        """SIGABRT to every running child (faulthandler dumps its stacks), then SIGKILL."""
+        for i in self.running():
+            self.kill(i, signal.SIGABRT)
+        deadline = time.monotonic() + grace
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.kill_all()
+
+    def report(self, tail: int = 6000) -> str:
+        """Each child's return code, command line and stderr tail."""
+        parts = []
+        for i, (command, p) in enumerate(zip(self.commands, self.procs)):
+            err = self.output(i)[1]
+            parts.append(f"--- child {i} (rc {p.returncode}): {' '.join(command)[:300]}\n"
+                         f"{err[-tail:]}")
+        return "\n".join(parts)
+
+
+def _read(f) -> str:
+    f.flush()
+    f.seek(0)
+    return f.read().decode("utf-8", errors="replace")
+
+
+def run_processes(commands: Sequence[Sequence[str]], timeout: float, *, cwd=ROOT,
+                  env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """Runs the commands at once and waits for all (ChildProcesses: a hang fails the test within
+    `timeout` seconds with every child's stacks)."""
+    with ChildProcesses(commands, cwd=cwd, env=env) as children:
+        return children.wait(timeout)
 
 
 @pytest.fixture(scope="session")

@@ -2,16 +2,21 @@
 
 No timing assertions: the CLI runs are checked for their output, not their speed."""
 
+import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from research import benchmark, benchmark_peer, profiling
+from research.errors import ConfigError
 from research.models import flops
 from research.training import hugepages
 from research.objectives.bert_pretraining import BertPretrainingObjective
@@ -92,10 +97,11 @@ def _cli(*args):
     return proc.stdout, json.loads(last)
 
 
-def test_benchmark_cli_gpt_tiny():
+def test_benchmark_cli_gpt_tiny(tmp_path):
     out, result = _cli("--gin_file=configs/models/gpt_tiny.gin",
                        "--gin_file=configs/runs/pretrain_causal.gin", "--gin.BATCH_SIZE=2",
-                       "--gin.SEQ_LEN=32", "--steps", "2", "--warmup", "1")
+                       "--gin.SEQ_LEN=32", "--steps", "2", "--warmup", "1",
+                       "--profile_steps=1:2", f"--profile_dir={tmp_path / 'profile'}")
     for key in KEYS:
         assert key in result, key
     assert result["vocab_size"] == 8064 and result["batch_size"] == 2 and result["seq_len"] == 32
@@ -108,6 +114,13 @@ def test_benchmark_cli_gpt_tiny():
     # `python -m research.benchmark` re-executes itself with huge-page malloc where the system
     # offers it (research.training.hugepages) and says so.
     assert result["host_malloc_hugepages"] is hugepages.supported()
+    # --profile_steps=1:2: a jax.profiler trace of the second timed step in --profile_dir.
+    files = profiling.trace_files(str(tmp_path / "profile"))
+    assert len(files) == 1 and files[0].endswith(".xplane.pb"), files
+    assert result["profile"] == {"steps": [1, 2], "dir": str(tmp_path / "profile"),
+                                 "files": files}
+    assert "profile: steps 1:2 traced to" in out
+    assert "device time" in out and "| kernel | kind | ms | % |" in out  # research.trace_summary
 
 
 @pytest.mark.parametrize("model,run,extra", [
@@ -122,8 +135,18 @@ def test_benchmark_compare_hf_torch(model, run, extra):
                      "--compare=hf_torch", *extra)
     for key in KEYS:
         assert key in result, key
-    assert result["compare"]["peer"] == "hf_torch"
-    assert result["compare"]["params"] > 0 and result["compare_ratio"] > 0
+    peer = result["compare"]
+    assert peer["peer"] == "hf_torch" and peer["params"] > 0 and result["compare_ratio"] > 0
+    assert peer["device"] == "cpu" and peer["weights_dtype"] == result["dtype"] == "float32"
+    assert peer["autocast"] is None and peer["compiled"] is False and peer["attention"] == "sdpa"
+    # The peer's MFU: our model FLOPs per step / its step time / the same per-device peak.
+    np.testing.assert_allclose(peer["mfu"], result["model_flops_per_step"] / peer["step_time_s"]
+                               / result["peak_flops_per_device"])
+    assert result["compare_ratio"] == pytest.approx(result["tokens_per_sec"]
+                                                    / peer["tokens_per_sec"])
+    assert result["peers"] == {"hf_torch": peer}
+    # The peer shares the process: JAX does not preallocate the GPU's memory (unless set).
+    assert result["jax_gpu_preallocate"] == os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def test_cpu_mfu_uses_the_higher_of_two_peak_measurements(monkeypatch):
@@ -151,10 +174,10 @@ def test_cpu_mfu_uses_the_higher_of_two_peak_measurements(monkeypatch):
 
 
 def test_benchmark_table_script_prints_the_readme_table(tmp_path):
-    """experiments/benchmark_table.sh: header + one row per model; extra flags override the
-    defaults (here: tiny shapes, so the test is quick)."""
+    """experiments/benchmark_table.sh: header + one row per model at its configured dropout and
+    at dropout 0; extra flags override the defaults (here: tiny shapes, so the test is quick)."""
     pytest.importorskip("transformers")
-    env = env_without_hugepage_settings(XLA_FLAGS="", JAX_PLATFORMS="cpu",
+    env = env_without_hugepage_settings(XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHON=sys.executable,
                                         BENCHMARK_TABLE_DIR=str(tmp_path))
     tiny = ["--gin.TransformerConfig.num_layers=1", "--gin.TransformerConfig.d_model=32",
             "--gin.TransformerConfig.num_heads=2", "--gin.TransformerConfig.mlp_dim=64",
@@ -164,8 +187,152 @@ def test_benchmark_table_script_prints_the_readme_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("| machine | run | precision") and lines[1].startswith("|---|")
-    assert len(lines) == 4, lines
-    assert "gpt_small + pretrain_causal, batch 2 x 32" in lines[2] and "GPT2LMHeadModel" in lines[2]
-    assert "bert_base + pretrain_mlm_nsp, batch 2 x 32" in lines[3] and "BertForPreTraining" in lines[3]
-    result = json.loads((tmp_path / "bert_base.txt").read_text().strip().splitlines()[-1])
+    assert len(lines) == 6, lines
+    assert "gpt_small + pretrain_causal, batch 2 x 32, dropout 0.1/0 " in lines[2]
+    assert "gpt_small + pretrain_causal, batch 2 x 32, dropout 0/0 " in lines[3]
+    assert all("GPT2LMHeadModel" in line for line in lines[2:4])
+    assert "bert_base + pretrain_mlm_nsp, batch 2 x 32, dropout 0.1/0.1 " in lines[4]
+    assert "bert_base + pretrain_mlm_nsp, batch 2 x 32, dropout 0/0 " in lines[5]
+    assert all("BertForPreTraining" in line for line in lines[4:6])
+    result = json.loads((tmp_path / "bert_base_dropout_0.txt").read_text().strip().splitlines()[-1])
     assert result["num_layers"] == 1 and result["d_model"] == 32 and result["steps"] == 1
+    assert result["dropout_rate"] == result["attention_dropout_rate"] == 0.0
+
+
+def test_compare_flag_values():
+    assert benchmark_peer.parse_peers("hf_torch") == ["hf_torch"]
+    assert benchmark_peer.parse_peers("hf_torch_compile,hf_torch") == ["hf_torch_compile",
+                                                                         "hf_torch"]
+    for bad in ("torch", "hf_torch,hf_torch", "hf_torch,", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected hf_torch or "
+                                                             "hf_torch_compile"):
+            benchmark_peer.parse_peers(bad)
+
+
+def test_benchmark_bad_compare_is_one_error_line():
+    from .test_error_path import MODEL, RUN, assert_one_line_error, run_cli
+    proc = run_cli([sys.executable, "-m", "research.benchmark", MODEL, RUN, "--compare=torch"],
+                   timeout=120)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "argument --compare: 'torch': expected hf_torch or "
+                                "hf_torch_compile")
+
+
+def _device(platform, kind):
+    return types.SimpleNamespace(platform=platform, device_kind=kind)
+
+
+# Dense peaks from the vendors' spec sheets (FLOP/s): bf16 and TF32 tensor cores.
+SPEC = {"NVIDIA H100 80GB HBM3": (989e12, 494.7e12), "NVIDIA H100 PCIe": (756e12, 378e12),
+        "NVIDIA H200": (989e12, 494.7e12), "NVIDIA A100-SXM4-40GB": (312e12, 156e12)}
+
+
+@pytest.mark.parametrize("kind", sorted(SPEC))
+def test_gpu_peak_follows_the_compute_dtype(kind):
+    """bf16/fp16 compute: the bf16 peak; float32: the TF32 peak (XLA's default float32 dot
+    precision on GPU), and the source says which."""
+    bf16, tf32 = SPEC[kind]
+    for dtype in ("bfloat16", "float16"):
+        peak, source = benchmark.device_peak_flops(_device("gpu", kind), dtype)
+        assert peak == bf16 and source.startswith("bf16 table") and kind in source
+    peak, source = benchmark.device_peak_flops(_device("gpu", kind), "float32")
+    assert peak == tf32 and source.startswith("tf32 table") and "TF32" in source
+
+
+def test_tpu_and_cpu_peaks(monkeypatch):
+    """TPU float32 dots run as bf16 passes: the bf16 peak for every dtype. CPU: measured in
+    the compute dtype. An unknown accelerator: NaN, named."""
+    for dtype in ("float32", "bfloat16"):
+        peak, source = benchmark.device_peak_flops(_device("tpu", "TPU v4"), dtype)
+        assert peak == 275e12 and source.startswith("bf16 table (TPU v4")
+    assert "bf16 passes" in benchmark.device_peak_flops(_device("tpu", "TPU v4"), "float32")[1]
+    monkeypatch.setattr(benchmark, "measure_matmul_peak", lambda dtype, **_: {"float32": 1e9}[dtype])
+    assert benchmark.device_peak_flops(_device("cpu", "cpu"), "float32") == (
+        1e9, "measured float32 jnp.dot on cpu")
+    peak, source = benchmark.device_peak_flops(_device("gpu", "Some GPU"), "float32")
+    assert np.isnan(peak) and "Some GPU" in source
+
+
+def _fake_torch(cuda: bool):
+    """The attributes of torch that `benchmark_peer.placement` reads and sets."""
+    matmul, cudnn = types.SimpleNamespace(allow_tf32=False), types.SimpleNamespace(allow_tf32=False)
+    return types.SimpleNamespace(
+        cuda=types.SimpleNamespace(is_available=lambda: cuda),
+        backends=types.SimpleNamespace(cuda=types.SimpleNamespace(matmul=matmul), cudnn=cudnn),
+        set_num_threads=lambda n: None)
+
+
+def test_peer_placement():
+    """GPU: float32 weights, autocast to our compute dtype, TF32 on for float32 only (as XLA
+    runs float32 dots on GPU). CPU: weights in our compute dtype, no autocast."""
+    torch = _fake_torch(cuda=True)
+    assert benchmark_peer.placement(torch, "bfloat16") == {
+        "device": "cuda:0", "weights": "float32", "autocast": "bfloat16", "tf32": False}
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert benchmark_peer.placement(torch, "float32") == {
+        "device": "cuda:0", "weights": "float32", "autocast": None, "tf32": True}
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert benchmark_peer.placement(_fake_torch(cuda=False), "bfloat16") == {
+        "device": "cpu", "weights": "bfloat16", "autocast": None, "tf32": False}
+    with pytest.raises(ConfigError, match="no torch dtype for 'int8'"):
+        benchmark_peer.placement(_fake_torch(cuda=False), "int8")
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _tiny_causal():
+    cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=2, mlp_dim=64, vocab_size=128,
+                            max_len=16)
+    return cfg, CausalLMObjective()
+
+
+def test_compile_peer_without_a_cpp_compiler_is_a_config_error(monkeypatch):
+    """On CPU torch.compile (inductor) needs a C++ compiler: without one, a ConfigError that
+    says so, before anything is built or compiled."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    if torch.cuda.is_available():
+        pytest.skip("the peer runs on the GPU here; the C++ compiler check is for CPU")
+    from torch._inductor import cpp_builder, exc
+
+    def no_compiler():
+        raise exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    cfg, objective = _tiny_causal()
+    with pytest.raises(ConfigError, match="--compare=hf_torch_compile on CPU needs a C\\+\\+ "
+                                          "compiler"):
+        benchmark_peer.run_hf_torch(cfg, objective, 2, 8, steps=1, warmup=0, learning_rate=1e-3,
+                                    peer="hf_torch_compile")
+
+
+@pytest.mark.skipif(not _torch_cuda(), reason="the GPU peer needs torch with CUDA and a GPU")
+@pytest.mark.parametrize("dtype,peer", [("bfloat16", "hf_torch"), ("float32", "hf_torch"),
+                                        ("bfloat16", "hf_torch_compile")])
+def test_gpu_peer(dtype, peer):
+    """On a GPU the peer runs there: float32 weights, bf16 autocast for bfloat16 compute, TF32
+    for float32, fused AdamW, SDPA; torch.compile warms up (and compiles) at least once."""
+    cfg, objective = _tiny_causal()
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+    result = benchmark_peer.run_hf_torch(cfg, objective, 2, 16, steps=2, warmup=0,
+                                         learning_rate=1e-3, peer=peer)
+    assert result["device"] == "cuda:0" and result["weights_dtype"] == "float32"
+    assert result["autocast"] == (None if dtype == "float32" else dtype)
+    assert result["tf32"] is (dtype == "float32") and result["fused_adamw"] is True
+    assert result["attention"] == "sdpa" and result["compiled"] is (peer == "hf_torch_compile")
+    assert result["warmup"] == (1 if peer == "hf_torch_compile" else 0)
+    assert len(result["step_times_s"]) == 2 and result["tokens_per_sec"] > 0
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU for JAX")
+def test_gpu_float32_peak_is_tf32():
+    device = jax.devices()[0]
+    peak, source = benchmark.device_peak_flops(device, "float32")
+    known = any(key in device.device_kind.lower() for key, _ in benchmark.PEAK_TF32_FLOPS)
+    assert source.startswith("tf32 table") if known else np.isnan(peak)

@@ -36,6 +36,21 @@ def test_hugepage_env_decision(env, platform, glibc, thp, expected):
         assert out["GLIBC_TUNABLES"] == expected and out["PATH"] == "/bin"
 
 
+def test_no_reexec_when_an_accelerator_runs_the_step(tmp_path):
+    """Huge-page malloc was measured on the CPU backend only: with a GPU/TPU device node present
+    (and JAX_PLATFORMS not picking the CPU) or JAX_PLATFORMS naming an accelerator, nothing
+    changes."""
+    assert hugepages.hugepage_env({}, "linux", (2, 36), "madvise", accelerator=True) is None
+    node = tmp_path / "nvidiactl"
+    node.write_text("")
+    nodes, missing = (str(node),), (str(tmp_path / "absent"),)
+    assert hugepages.uses_accelerator({}, nodes)
+    assert not hugepages.uses_accelerator({}, missing)
+    assert not hugepages.uses_accelerator({"JAX_PLATFORMS": "cpu"}, nodes)
+    assert hugepages.uses_accelerator({"JAX_PLATFORMS": "cuda,cpu"}, missing)
+    assert hugepages.uses_accelerator({"JAX_PLATFORMS": "tpu"}, missing)
+
+
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
     path = tmp_path / "enabled"
     path.write_text("always [madvise] never\n")

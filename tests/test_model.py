@@ -270,8 +270,26 @@ def test_attention_dropout_path_equals_fused_attention_at_rate_zero_limit(kv_hea
     assert not np.allclose(dropped, fused, atol=1e-3)
 
 
-def _dropout(rate, x, seed=0, deterministic=False):
-    return Dropout(rate).apply({}, x, deterministic, rngs={"dropout": jax.random.key(seed)})
+def _dropout(rate, x, seed=0, deterministic=False, bits=16):
+    return Dropout(rate, bits).apply({}, x, deterministic, rngs={"dropout": jax.random.key(seed)})
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.9])
+def test_32_bit_dropout_keeps_the_right_fraction_unbiased(rate):
+    """32-bit dropout (the accelerators' default): one uniform word per element; the keep
+    frequency matches the keep probability (binomial, 5 sigma), kept values are scaled by its
+    inverse, and neighbours are independent."""
+    x = jnp.full((64, 128, 257), 3.0)
+    y = np.asarray(_dropout(rate, x, bits=32))
+    keep_q = round((1 - rate) * 2 ** 32) / 2 ** 32
+    kept = y != 0
+    assert abs(kept.mean() - keep_q) < 5 * np.sqrt(keep_q * (1 - keep_q) / y.size)
+    np.testing.assert_allclose(y[kept], np.float32(3.0 / keep_q), rtol=1e-6)
+    pair = ~kept[..., 0:256:2] & ~kept[..., 1:256:2]
+    p2 = (1 - keep_q) ** 2
+    assert abs(pair.mean() - p2) < 5 * np.sqrt(p2 * (1 - p2) / pair.size)
+    default = Dropout(rate).apply({}, x, False, rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_array_equal(default, _dropout(rate, x, bits=16))  # CPU default: 16 bits
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])

@@ -11,12 +11,14 @@ its directory without the step-2K checkpoint (exactly what a run stopped after s
 the LR schedule depends on TRAIN_STEPS, so stopping a shorter run would change the math).
 """
 
+import argparse
 import json
 import os
+import re
 import shutil
 import socket
-import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -27,7 +29,7 @@ from research import errors
 from research import workdir as workdir_lib
 from research.data import causal_lm
 
-from .conftest import ROOT
+from .conftest import ROOT, ChildProcesses, run_processes
 
 K = 2
 STEPS = 2 * K
@@ -46,6 +48,9 @@ ARGS = [f"--gin.TRAIN_STEPS={STEPS}", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=64",
 # turns rounding noise (~1e-12) into updates of ~1e-6 (seen 9e-7 between two straight runs).
 # A wrong optimizer state, step or data position moves parameters by ~LR = 3e-3 per step.
 RTOL_PROCESSES, RTOL_MESH, ATOL_STATE = 1e-5, 3e-5, 1e-5
+# A healthy run here takes ~30 s (2 processes) on an idle 2-core machine. Past this, a run is
+# a hang: its stacks are printed and it is killed (tests/conftest.py ChildProcesses).
+TIMEOUT_S = 300
 
 
 def _free_port() -> int:
@@ -67,31 +72,24 @@ def _env(devices):
 
 def run_single(workdir, mesh=MESH) -> str:
     """1 process x 8 devices; returns its stderr (the log)."""
-    proc = subprocess.run(_command(workdir, mesh=mesh), cwd=ROOT, env=_env(8),
-                          capture_output=True, text=True, timeout=600)
+    proc, = run_processes([_command(workdir, mesh=mesh)], TIMEOUT_S, env=_env(8))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
 
 
+def multi_commands(workdir, *extra) -> list[list[str]]:
+    """The commands of a 2-process run (process 0 first) on a fresh coordinator port."""
+    port = _free_port()
+    return [_command(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                     f"--process_id={i}", *extra) for i in range(2)]
+
+
 def run_multi(workdir) -> str:
     """2 processes x 4 devices; returns process 0's stderr."""
-    port = _free_port()
-    procs = [subprocess.Popen(
-        _command(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                 f"--process_id={i}"),
-        cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=600))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    return outs[0][1]
+    procs = run_processes(multi_commands(workdir), TIMEOUT_S, env=_env(4))
+    for p in procs:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return procs[0].stderr
 
 
 def _metrics(workdir):
@@ -175,6 +173,89 @@ def test_one_process_checkpoint_resumes_in_two_processes(single, tmp_path):
     assert "resumed from step 2" in log and "written by 1 process(es), this run has 2" in log
     assert_same_run(workdir, single, RTOL_PROCESSES)
     assert len(_data_states(workdir, STEPS)) == 2  # saved per process again
+
+
+# ----------------------------------------------------------------- a dead peer ---------
+
+HEARTBEAT_S = 10
+DEAD_PEER_BOUND_S = 60  # the heartbeat timeout (seen: stopped 10.5 s after the kill) + margin
+
+
+def test_a_killed_process_stops_the_other_naming_it(tmp_path):
+    """kill -9 of process 1 mid-run: process 0 (which hosts the JAX distributed service) must not
+    wait for it forever in its next collective, but stop within the bound, non-zero, with the
+    service's error naming the lost process. (Killing process 0 instead stops process 1 at
+    once: its next call to the service fails, `the leader task was preempted/died`.)"""
+    workdir = tmp_path / "run"
+    commands = multi_commands(workdir, "--gin.TRAIN_STEPS=100000", "--gin.train.eval_every=100000",
+                              "--gin.train.checkpoint_every=100000",
+                              f"--heartbeat_timeout_s={HEARTBEAT_S}", "--shutdown_timeout_s=10")
+    with ChildProcesses(commands, env=_env(4)) as children:
+        deadline = time.monotonic() + TIMEOUT_S
+        while _logged_train_steps(workdir) < 3:
+            assert children.running() == [0, 1], children.report()
+            assert time.monotonic() < deadline, "no training progress:\n" + children.report()
+            time.sleep(0.2)
+        children.kill(1)
+        killed = time.monotonic()
+        survivor, _ = children.wait(DEAD_PEER_BOUND_S)
+        took = time.monotonic() - killed
+    assert survivor.returncode != 0, survivor.stderr[-3000:]
+    assert took < DEAD_PEER_BOUND_S
+    lost = re.search(r"stopped sending heartbeats\):\s*1\b", survivor.stderr)
+    assert lost, survivor.stderr[-3000:]
+    print(f"survivor stopped {took:.1f} s after the kill (heartbeat timeout {HEARTBEAT_S} s)")
+
+
+def _logged_train_steps(workdir) -> int:
+    """Train steps in metrics.jsonl so far (read while it is being written)."""
+    path = workdir / "metrics.jsonl"
+    return path.read_text(encoding="utf-8").count('"train/loss"') if path.exists() else 0
+
+
+def test_hung_children_fail_the_test_fast_with_their_stacks():
+    """tests/conftest.py ChildProcesses: children still running at the timeout are a hang; the
+    test fails within seconds, with every child's Python stacks (faulthandler on SIGABRT)."""
+    hang = [sys.executable, "-c",
+            "import time\ndef stuck_here():\n    time.sleep(600)\nstuck_here()"]
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_processes([hang, hang], timeout=3)
+    assert time.monotonic() - start < 30
+    message = str(failure.value)
+    assert "child process(es) [0, 1] still running after 3 s" in message
+    assert message.count("line 3 in stuck_here") == 2, message
+
+
+def test_distributed_timeouts_come_from_flags_or_the_environment(monkeypatch):
+    from research import config
+    args = argparse.Namespace(heartbeat_timeout_s=None)
+    assert config._timeout(args, "heartbeat_timeout_s", config.HEARTBEAT_ENV, 30) == 30
+    monkeypatch.setenv(config.HEARTBEAT_ENV, "45")
+    assert config._timeout(args, "heartbeat_timeout_s", config.HEARTBEAT_ENV, 30) == 45
+    args.heartbeat_timeout_s = 7  # the flag wins over the environment
+    assert config._timeout(args, "heartbeat_timeout_s", config.HEARTBEAT_ENV, 30) == 7
+    args.heartbeat_timeout_s = 0
+    with pytest.raises(errors.ConfigError, match="--heartbeat_timeout_s=0 is not a positive"):
+        config._timeout(args, "heartbeat_timeout_s", config.HEARTBEAT_ENV, 30)
+    args.heartbeat_timeout_s = None
+    monkeypatch.setenv(config.HEARTBEAT_ENV, "soon")
+    with pytest.raises(errors.ConfigError, match="RESEARCH_HEARTBEAT_TIMEOUT_S=soon"):
+        config._timeout(args, "heartbeat_timeout_s", config.HEARTBEAT_ENV, 30)
+
+
+def test_multi_process_cpu_runs_get_a_thread_per_device_to_spare(monkeypatch):
+    """research.config._cpu_collective_threads (the hang fix, tools/stress_multihost.py):
+    PJRT_NPROC = CPUs + 2 x local devices, unless the user set PJRT_NPROC or NPROC."""
+    from research import config
+    monkeypatch.delenv("PJRT_NPROC", raising=False)
+    monkeypatch.delenv("NPROC", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    config._cpu_collective_threads()
+    assert os.environ["PJRT_NPROC"] == str(os.cpu_count() + 2 * 4)
+    monkeypatch.setenv("PJRT_NPROC", "3")
+    config._cpu_collective_threads()
+    assert os.environ["PJRT_NPROC"] == "3"
 
 
 def test_data_state_restores_under_any_process_count():

@@ -21,7 +21,7 @@ from research import workdir as workdir_lib
 from research.training import preemption
 from research.config import parse_gin
 
-from .conftest import ROOT
+from .conftest import ROOT, run_processes
 
 STEPS = 60
 BASE_ARGS = [
@@ -43,8 +43,8 @@ def _env():
 
 
 def run(args, check=True, timeout=300):
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    """`python ARGS` to the end; past `timeout` s its stacks are printed and the test fails."""
+    proc, = run_processes([[sys.executable, *args]], timeout, env=_env())
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from research.errors import ConfigError
+from research.errors import ConfigError, HangError
 from research.sweep.__main__ import main
 from research.sweep.cli_axes import apply_cli
 from research.sweep.expansion import expand
@@ -21,7 +21,7 @@ from research.sweep.gin_values import GinExpr, gin_literal, parse_gin_value, spl
 from research.sweep.spec import SweepError, SweepSpec
 from research.sweep.status import print_status
 from research.sweep.sweep_file import load_sweep_file
-from research.sweep.trial_state import effective_status, trainer_alive
+from research.sweep.trial_state import effective_status, failure_reason, trainer_alive
 from research.workdir import WorkdirLock
 
 from .conftest import ROOT
@@ -309,6 +309,12 @@ elif mode == "fail":
         print(f"log line {i}")
     print("ValueError: boom", file=sys.stderr)
     sys.exit(3)
+elif mode == "hang" and n == 1:
+    metrics(2)
+    print("error: hang: the train step of step 3 ran 9s, past its 8s limit", file=sys.stderr)
+    sys.exit(HANG_EXIT_CODE)  # the training watchdog's exit; the rerun resumes and finishes
+elif mode == "hang":
+    final(4)
 elif mode == "slow":
     def on_term(signum, frame):
         open(os.path.join(workdir, "got_sigterm"), "w").write("1")
@@ -323,7 +329,8 @@ elif mode == "slow":
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     """A cwd (not a git repository) holding fake_train.py, the module trials run."""
-    write(tmp_path / "fake_train.py", FAKE_TRAINER)
+    write(tmp_path / "fake_train.py",
+          FAKE_TRAINER.replace("HANG_EXIT_CODE", str(HangError.exit_code)))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -380,10 +387,51 @@ def test_run_skips_done_resumes_interrupted_reports_failed(fake, capsys):
 
     assert print_status(str(root)) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["trial", "status", "attempts", "rc", "time", "step"]
+    assert table[0].split() == ["trial", "status", "attempts", "rc", "reason", "time", "step"]
     assert table[1].split()[:4] == ["MODE=ok", "done", "1", "0"] and table[1].split()[-1] == "4/4"
     assert table[3].split()[:4] == ["MODE=fail", "failed", "2", "3"]
     assert table[-1] == "3 trials: 2 done, 1 failed"
+
+
+def test_a_hung_trial_fails_with_reason_hang_and_retry_failed_resumes_it(fake, capsys):
+    root = fake / "sweep"
+    args = ["run", "--gin_file=x.gin", "--grid=MODE=hang", f"--root={root}",
+            "--train_module=fake_train"]
+    rc_text = f"returncode {HangError.exit_code} (hang)"
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    state = trial_json(root, "MODE=hang")
+    assert state["status"] == "failed" and state["reason"] == "hang"
+    assert state["returncode"] == HangError.exit_code
+    assert "failed MODE=hang in " in out and f", {rc_text}" in out
+    assert f"FAILED MODE=hang: {rc_text}, log {root}/MODE=hang/train.log" in out
+    assert "    | error: hang: the train step of step 3" in out
+
+    assert print_status(str(root)) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:5] == ["MODE=hang", "failed", "1", str(HangError.exit_code), "hang"]
+
+    assert main(args) == 1  # failed, hang or not, waits for --retry_failed
+    assert f"failed MODE=hang ({rc_text}; --retry_failed reruns it)" in capsys.readouterr().out
+    assert calls(root, "MODE=hang") == 1
+    assert main([*args, "--retry_failed"]) == 0
+    state = trial_json(root, "MODE=hang")
+    assert state["status"] == "done" and state["attempts"] == 2 and state["reason"] is None
+    capsys.readouterr()
+    assert print_status(str(root)) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:4] == ["MODE=hang", "done", "2", "0"]
+
+
+def test_failure_reasons_from_exit_codes(tmp_path):
+    assert failure_reason(HangError.exit_code) == "hang"
+    assert failure_reason(ConfigError.exit_code) == "input error"
+    assert failure_reason(-signal.SIGKILL) == failure_reason(128 + signal.SIGKILL) == "signal SIGKILL"
+    assert failure_reason(1) is None and failure_reason(3) is None
+    # A SLURM job's returncode file counts the same way.
+    (tmp_path / "returncode").write_text(f"{HangError.exit_code}\n")
+    status, updates, _ = effective_status(str(tmp_path), {"status": "submitted", "job_id": "7"},
+                                          query_slurm=False)
+    assert status == "failed" and updates["reason"] == "hang"
 
 
 def test_running_from_a_dead_sweep_is_rerun_and_done_needs_final_json(fake, capsys):

@@ -28,6 +28,11 @@ restores a run under any other process count.
 Eval (repeat=False): one pass over the documents in order (no shuffle by default); a row
 that runs out yields padding; `.exhausted` turns True once every owned row is out, and
 all-padding batches keep coming, so every host can run the same number of steps.
+
+Pre-tokenised sources. An item that is already an array of token ids (a `tokens:DIR` source,
+research.data.tokens) is used as `toks` without tokenising; the source's tokenizer
+fingerprint must match the tokenizer's (else a ConfigError naming both). A `TokenSource` is
+packed a whole batch at a time by research.data.token_packing: the same batches and states.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ import numpy as np
 from research.data.batching import check_batch_layout, check_int
 from research.data.order import EpochOrder
 from research.data.sources import open_documents
+from research.data.token_packing import pack_batch
+from research.data.tokens import TokenSource, check_tokenizer
 from research.errors import ConfigError
 
 STATE_VERSION = 1
@@ -77,6 +84,7 @@ class CausalLMIterator:
         if self.num_documents == 0:
             raise ValueError(f"Document source {getattr(source, 'name', source)!r} is empty; "
                              "a causal-LM iterator needs at least one document.")
+        check_tokenizer(source, tokenizer)  # token ids: VOCAB must be the one that made them
         for attr in ("bos_id", "eos_id", "pad_id"):
             if getattr(tokenizer, attr, -1) is None or getattr(tokenizer, attr, -1) < 0:
                 raise ConfigError(
@@ -84,6 +92,7 @@ class CausalLMIterator:
                     "; retrain it with tools/train_tokenizer.py, which adds <s>, </s> and [PAD].")
         self.source = source
         self.tokenizer = tokenizer
+        self._vectorised = isinstance(source, TokenSource)
         self.seq_len = int(seq_len)
         self.global_batch_size = int(global_batch_size)
         self.seed = int(seed)
@@ -124,7 +133,9 @@ class CausalLMIterator:
         doc = self.document_index(int(self.rows[i]), k)
         if doc is None:
             return None
-        toks = np.asarray(self.tokenizer.encode(self.source[doc]), dtype=np.int32)
+        item = self.source[doc]
+        toks = (item.astype(np.int32, copy=False) if isinstance(item, np.ndarray)
+                else np.asarray(self.tokenizer.encode(item), dtype=np.int32))
         inputs = np.concatenate([np.array([self.tokenizer.bos_id], np.int32), toks])
         targets = np.concatenate([toks, np.array([self.tokenizer.eos_id], np.int32)])
         self._pair_cache[i] = (k, inputs, targets)
@@ -134,6 +145,13 @@ class CausalLMIterator:
 
     def _produce(self) -> Batch:
         """Packs the next batch from the producer cursor and advances it."""
+        if self._vectorised:
+            batch, self._k, self._off = pack_batch(
+                self.source, self.order, self.rows, self._k, self._off, seq_len=self.seq_len,
+                global_batch_size=self.global_batch_size, repeat=self.repeat,
+                bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id,
+                pad_id=self.tokenizer.pad_id)
+            return batch
         shape = (len(self.rows), self.seq_len)
         pad = self.tokenizer.pad_id
         inputs = np.full(shape, pad, np.int32)
@@ -361,8 +379,10 @@ def make_causal_lm_iterator(source: Sequence[str], tokenizer: TokenizerLike, *,
     """Packed causal-LM batches of shape [global_batch_size // process_count, seq_len].
 
     Args:
-      source: random-access documents (`research.data.sources.DocumentSource`).
-      tokenizer: has `encode(str) -> list[int]`, `bos_id`, `eos_id`, `pad_id`.
+      source: random-access documents (`research.data.sources.DocumentSource`), or token-id
+        arrays (`research.data.tokens.TokenSource`, from a `tokens:DIR` spec).
+      tokenizer: has `encode(str) -> list[int]`, `bos_id`, `eos_id`, `pad_id`; for token
+        sources the one the tokens were made with (its fingerprint is checked).
       seq_len: tokens per row.
       global_batch_size: rows of the global batch (all processes together).
       seed: document-order seed (epoch e uses `np.random.default_rng([seed, e])`).

@@ -1,4 +1,4 @@
-"""Local text / JSON-lines files turned into a cached, random-access TFDS dataset.
+"""Local text / JSON-lines / parquet files turned into a cached, random-access TFDS dataset.
 
 `LocalCorpus` names the files (and how to parse them); `prepare_local_dataset` builds them
 once into an `array_record` TFDS dataset with one feature `text` and one split `train`,
@@ -10,12 +10,10 @@ where the hash covers (format, text_field, on_decode_error, sorted absolute path
 mtimes). A changed file gives a new hash, hence a rebuild; an unchanged corpus is reused.
 Old cache directories are never deleted automatically.
 
-File formats:
-
-* `text`: UTF-8 plain text. One or more blank lines (empty or ASCII-whitespace-only)
-  separate documents; each document is stripped; empty documents are dropped.
-* `jsonl`: one JSON object per line; the document is the string field `text_field`.
-  Blank lines are ignored; whitespace-only documents are dropped.
+File formats (`research.data.file_readers` parses them): `text` (blank-line separated
+documents), `jsonl` (field `text_field` of one JSON object per line) and `parquet` (column
+`text_field`); text and jsonl files may be compressed (`.gz`, `.bz2`, `.xz`, `.zst`),
+detected by suffix.
 
 Invalid UTF-8: with `on_decode_error='strict'` a `DataSourceError` names the file and byte
 offset; with `'skip'` the offending documents are skipped and counted in the log.
@@ -39,20 +37,16 @@ from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
-from research.errors import ConfigError
+from research.data.file_readers import (DataSourceError, check_readable, compression_of,
+                                        iter_jsonl_file, iter_parquet_file, iter_text_file)
 
 log = logging.getLogger(__name__)
 
 BUILDER_NAME = "research_local_documents"
 CACHE_FORMAT_VERSION = 1  # bump when parsing rules change, to invalidate old caches
-FORMATS = ("text", "jsonl")
+FORMATS = ("text", "jsonl", "parquet")
+FIELD_FORMATS = ("jsonl", "parquet")  # formats whose document is the field `text_field`
 DECODE_ERROR_MODES = ("strict", "skip")
-
-
-class DataSourceError(ConfigError):
-    """A data spec or the data it names cannot be used (bad spec, a glob matching nothing,
-    a missing field or column, an unprepared TFDS dataset, ...); the message names the
-    culprit and the fix. A ConfigError: the CLIs print one `error:` line and exit 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +54,9 @@ class LocalCorpus:
     """A set of local files and how to parse them into documents.
 
     Attributes:
-      fmt: 'text' or 'jsonl'.
-      paths: sorted absolute file paths.
-      text_field: the JSON field holding the document (jsonl only).
+      fmt: 'text', 'jsonl' or 'parquet'.
+      paths: sorted absolute file paths (text and jsonl files may be compressed).
+      text_field: the JSON field (jsonl) or column (parquet) holding the document.
       on_decode_error: 'strict' (raise on invalid UTF-8) or 'skip'.
     """
     fmt: str
@@ -79,7 +73,8 @@ class LocalCorpus:
                 "(raise on invalid UTF-8) or 'skip' (drop the bad documents).")
 
     def fingerprint(self) -> str:
-        """16 hex digits over format, field, mode and every file's path, size and mtime.
+        """16 hex digits over format, field, mode and every file's path, size and mtime (and
+        compression: files read as-is before compressed input was supported hash as before).
 
         Raises DataSourceError if a file cannot be stat-ed or opened for reading.
         """
@@ -87,9 +82,11 @@ class LocalCorpus:
         for path in self.paths:
             check_readable(path)
             st = os.stat(path)
-            entries.append([path, st.st_size, st.st_mtime_ns])
+            compression = compression_of(path) if self.fmt != "parquet" else None
+            entries.append([path, st.st_size, st.st_mtime_ns]
+                           + ([compression] if compression else []))
         key = [CACHE_FORMAT_VERSION, self.fmt,
-               self.text_field if self.fmt == "jsonl" else None,
+               self.text_field if self.fmt in FIELD_FORMATS else None,
                self.on_decode_error, entries]
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
@@ -99,8 +96,10 @@ class LocalCorpus:
         for path in self.paths:
             if self.fmt == "text":
                 docs = iter_text_file(path, self.on_decode_error)
-            else:
+            elif self.fmt == "jsonl":
                 docs = iter_jsonl_file(path, self.text_field, self.on_decode_error)
+            else:
+                docs = iter_parquet_file(path, self.text_field, self.on_decode_error)
             for doc in docs:
                 if doc is None:
                     skipped += 1
@@ -109,128 +108,6 @@ class LocalCorpus:
         if skipped:
             log.warning("Skipped %d document(s) with invalid UTF-8 (on_decode_error='skip').",
                         skipped)
-
-
-def check_readable(path: str) -> None:
-    """Raises DataSourceError naming `path` if it cannot be opened for reading."""
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise DataSourceError(
-            f"Cannot read input file {path!r}: {e.strerror or e}. Fix its permissions or "
-            "path (a broken symlink?), or narrow the glob so that it excludes it.") from e
-
-
-def _decode(raw: bytes, path: str, offset: int, on_decode_error: str) -> str | None:
-    """Decodes one document's bytes; None if invalid and skipping. `offset`: file offset."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if on_decode_error == "skip":
-            return None
-        raise DataSourceError(
-            f"{path}: invalid UTF-8 at byte offset {offset + e.start} ({e.reason}). Re-encode "
-            "the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or pass "
-            "on_decode_error='skip' to drop the documents that contain invalid bytes.") from e
-    return text
-
-
-def iter_text_file(path: str, on_decode_error: str = "strict") -> Iterator[str | None]:
-    """Yields the stripped, non-empty blank-line-separated documents of a text file.
-
-    Yields None in place of a document skipped for invalid UTF-8 (on_decode_error='skip').
-    Reads line by line, so files larger than memory are fine.
-    """
-    lines: list[bytes] = []
-    start = offset = 0
-    try:
-        with open(path, "rb") as f:
-            for line in f:
-                if line.strip():
-                    if not lines:
-                        start = offset
-                    lines.append(line)
-                elif lines:
-                    yield from _finish_text_doc(lines, path, start, on_decode_error)
-                    lines = []
-                offset += len(line)
-    except OSError as e:
-        raise DataSourceError(f"Cannot read input file {path!r}: {e}. Fix its permissions "
-                              "or remove it from the glob.") from e
-    if lines:
-        yield from _finish_text_doc(lines, path, start, on_decode_error)
-
-
-def _finish_text_doc(lines: list[bytes], path: str, start: int,
-                     on_decode_error: str) -> Iterator[str | None]:
-    text = _decode(b"".join(lines), path, start, on_decode_error)
-    if text is None:
-        yield None
-    elif text.strip():
-        yield text.strip()
-
-
-def iter_jsonl_file(path: str, text_field: str = "text",
-                    on_decode_error: str = "strict") -> Iterator[str | None]:
-    """Yields field `text_field` of each JSON object line (None for skipped invalid UTF-8)."""
-    offset = 0
-    try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                line_offset, offset = offset, offset + len(raw)
-                if not raw.strip():
-                    continue
-                line = _decode(raw, path, line_offset, on_decode_error)
-                if line is None:
-                    yield None
-                    continue
-                doc = _json_field(line, text_field, path, lineno)
-                if _has_lone_surrogate(doc):
-                    if on_decode_error == "skip":
-                        yield None
-                        continue
-                    raise DataSourceError(
-                        f"{path}:{lineno}: field {text_field!r} contains an unpaired UTF-16 "
-                        "surrogate escape (e.g. \"\\udc80\"), which is not valid Unicode text. "
-                        "Fix the file or pass on_decode_error='skip'.")
-                if doc.strip():
-                    yield doc
-    except OSError as e:
-        raise DataSourceError(f"Cannot read input file {path!r}: {e}. Fix its permissions "
-                              "or remove it from the glob.") from e
-
-
-def _json_field(line: str, text_field: str, path: str, lineno: int) -> str:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataSourceError(
-            f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}). A jsonl file must "
-            "hold exactly one JSON object per line; use the text: prefix for plain text.") from e
-    if not isinstance(obj, dict):
-        raise DataSourceError(
-            f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}. Each line "
-            f"must look like {{\"{text_field}\": \"...\"}}.")
-    if text_field not in obj:
-        raise DataSourceError(
-            f"{path}:{lineno}: JSON object has no field {text_field!r} (fields: "
-            f"{sorted(obj)[:10]}). Pass text_field=... (gin: open_documents.text_field) "
-            "to name the field that holds the document text.")
-    doc = obj[text_field]
-    if not isinstance(doc, str):
-        raise DataSourceError(
-            f"{path}:{lineno}: field {text_field!r} is a {type(doc).__name__}, not a string. "
-            "Point text_field at a string field.")
-    return doc
-
-
-def _has_lone_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 class _EmptyCorpus(Exception):
@@ -246,7 +123,7 @@ class LocalDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     name = BUILDER_NAME
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Documents of local text/jsonl files."}
+    RELEASE_NOTES = {"1.0.0": "Documents of local text/jsonl/parquet files."}
 
     def __init__(self, *, corpus: LocalCorpus, fingerprint: str, data_dir: str):
         self.corpus = corpus
@@ -353,7 +230,7 @@ def _build(builder: LocalDocuments, corpus: LocalCorpus, fingerprint: str, data_
             f"The {corpus.fmt} files ({_describe_paths(corpus.paths)}) contain no documents. "
             + ("Documents are separated by blank lines; check the files are not empty."
                if corpus.fmt == "text" else
-               f"Check the files have lines with a non-empty {corpus.text_field!r} field.")
+               f"Check the files have rows with a non-empty {corpus.text_field!r} field.")
         ) from None
     except DataSourceError:
         raise

@@ -2,15 +2,18 @@
 
     open_documents('text:data/austen/*.txt')        # blank-line separated plain text
     open_documents('jsonl:corpus/**/*.jsonl', text_field='body')
+    open_documents('jsonl:shards/*.jsonl.zst')       # compressed: .gz .bz2 .xz .zst by suffix
+    open_documents('parquet:fineweb/*.parquet')      # column `text_field` (default 'text')
     open_documents('tfds:lm1b:test')                 # a prepared TFDS dataset
     open_documents('tfds:wikipedia/20230601.en:train[:1%]')
 
 Every source is a `DocumentSource`: `len(src)`, `src[i] -> str`, `src.name`.
 
-Local files (`text:` / `jsonl:`) are built once into an `array_record` TFDS dataset cached
-under `data_dir` (default: `$RESEARCH_DATA_DIR`, else `~/.cache/research/tfds`), keyed by the
-files' paths, sizes and mtimes (see `research.data.local_builder`). Globs are relative to
-the current directory; `**` matches any number of directories.
+Local files (`text:` / `jsonl:` / `parquet:`) are built once into an `array_record` TFDS
+dataset cached under `data_dir` (default: `$RESEARCH_DATA_DIR`, else
+`~/.cache/research/tfds`), keyed by the files' paths, sizes and mtimes (see
+`research.data.local_builder`). Globs are relative to the current directory; `**` matches
+any number of directories.
 
 `tfds:` datasets are never downloaded here: they must already be prepared in `data_dir`
 (default: TFDS's own, `$TFDS_DATA_DIR` or `~/tensorflow_datasets`). Datasets prepared in
@@ -42,7 +45,7 @@ log = logging.getLogger(__name__)
 __all__ = ["DataSourceError", "DocumentSource", "DocumentList", "TfdsDocuments",
            "open_documents", "default_data_dir", "parse_spec"]
 
-PREFIXES = ("text", "jsonl", "tfds")
+PREFIXES = ("text", "jsonl", "parquet", "tfds", "tokens")
 _TFDS_SPEC = re.compile(
     r"^(?P<name>[^:\[\]]+?)(?::(?P<version>\d+\.\d+\.\d+))?(?::(?P<split>.+))?$")
 
@@ -146,8 +149,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if not sep or prefix not in PREFIXES or not rest:
         raise DataSourceError(
             f"Unknown document spec {spec!r}. Use one of 'text:GLOB' (blank-line separated "
-            "plain text), 'jsonl:GLOB' (one JSON object per line) or "
-            "'tfds:NAME[/CONFIG][:SPLIT]' (a prepared TFDS dataset).")
+            "plain text), 'jsonl:GLOB' (one JSON object per line; .gz/.zst files are "
+            "decompressed), 'parquet:GLOB' (a text column) or 'tfds:NAME[/CONFIG][:SPLIT]' "
+            "(a prepared TFDS dataset).")
     return prefix, rest
 
 
@@ -158,11 +162,15 @@ def open_documents(spec: str, *, split: str | None = None, text_field: str = "te
     """Opens the documents named by `spec` as a random-access `DocumentSource`.
 
     Args:
-      spec: 'text:GLOB', 'jsonl:GLOB' or 'tfds:NAME[/CONFIG][:VERSION][:SPLIT]'.
+      spec: 'text:GLOB', 'jsonl:GLOB', 'parquet:GLOB',
+        'tfds:NAME[/CONFIG][:VERSION][:SPLIT]' or 'tokens:DIR' (documents pre-tokenised by
+        tools/pretokenize.py; items are int token-id arrays, a `research.data.tokens.TokenSource`). Text and jsonl files named *.gz, *.bz2, *.xz,
+        *.zst or *.zstd are decompressed.
       split: split to read. Local files have the single split 'train' (slicing such as
         'train[:5%]' works). For tfds:, the split if the spec names none (default 'train');
         if both name one they must agree.
-      text_field: JSON field (jsonl:) or TFDS feature (tfds:) holding the document.
+      text_field: JSON field (jsonl:), column (parquet:) or TFDS feature (tfds:) holding
+        the document.
       data_dir: local-file cache (default `default_data_dir()`), or for tfds: the TFDS
         data_dir holding the prepared dataset (default: TFDS's default).
       on_decode_error: 'strict' raises on invalid UTF-8 naming file and byte offset;
@@ -172,12 +180,15 @@ def open_documents(spec: str, *, split: str | None = None, text_field: str = "te
 
     Raises:
       DataSourceError: unknown prefix, a glob matching no file, an unreadable file, invalid
-        JSON / UTF-8, a missing field, an unprepared TFDS dataset, or zero documents.
+        JSON / UTF-8, a missing field or column, an unprepared TFDS dataset, or zero documents.
     """
     if on_decode_error not in DECODE_ERROR_MODES:
         raise DataSourceError(f"on_decode_error={on_decode_error!r} is not supported; use "
                               "'strict' or 'skip'.")
     prefix, rest = parse_spec(spec)
+    if prefix == "tokens":  # pre-tokenised documents (tools/pretokenize.py): token-id arrays
+        from research.data.tokens import open_token_source
+        return open_token_source(rest)
     if prefix == "tfds":
         return _open_tfds(rest, split=split, text_field=text_field, data_dir=data_dir,
                           on_decode_error=on_decode_error)

@@ -1,5 +1,6 @@
-"""Self-attention: rotary positions, the segment/causal mask, the softmax kernels and the
-`Attention` layer (grouped KV heads, optional KV cache, a choice of backends).
+"""Self-attention: rotary positions, the segment/causal mask, the einsum softmax kernels and the
+`Attention` layer (grouped KV heads, optional KV cache). Which kernel a layer runs (einsum, XLA,
+cuDNN on NVIDIA GPUs, Pallas splash on TPU) is `research.models.attention_select`'s choice.
 
 Shapes: B batch, T query length, S key length, D d_model, N heads, K kv heads (N a multiple of
 K), H head_dim. Logical axes: parameters embed, heads, kv_heads, head_dim; activations
@@ -17,6 +18,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from research.errors import ConfigError
+from research.models.attention_cudnn import cudnn_attention
+from research.models.attention_select import query_blocks, select_impl
+from research.models.attention_splash import splash_attention
 from research.models.layers import Dropout, Projection, constrain
 from research.models.transformer_config import TransformerConfig
 
@@ -58,8 +62,8 @@ def check_attention_backend(impl: str | None) -> None:
     backend = jax.default_backend() if impl == "cudnn" else None
     if impl == "cudnn" and backend != "gpu":
         raise ConfigError(f"TransformerConfig.attention_impl='cudnn' needs an NVIDIA GPU with "
-                          f"cuDNN, but JAX's backend is {backend!r}; use attention_impl='xla' or "
-                          f"None (the default einsum attention) instead.")
+                          f"cuDNN, but JAX's backend is {backend!r}; use attention_impl='auto' (the "
+                          f"default: the backend's kernel) or 'einsum' instead.")
 
 
 def softmax_attention(q: Array, k: Array, v: Array, mask: Array,
@@ -139,32 +143,41 @@ class Attention(nn.Module):
         k_segments = segment_ids
         if decode:
             key, value, k_segments, q_index, k_index = self._update_cache(key, value, segment_ids)
-        mask = attention_mask(segment_ids, k_segments, cfg.causal, q_index, k_index)
-        dropout = None
-        if cfg.attention_dropout_rate and not deterministic:
-            dropout = functools.partial(Dropout(cfg.attention_dropout_rate), deterministic=False)
-        out = self._attend(q, key, value, mask, dropout, decode=decode)
+        training_dropout = bool(cfg.attention_dropout_rate) and not deterministic
+        impl = select_impl(cfg, q_len=q.shape[1], kv_len=key.shape[1], decode=decode,
+                           dropout=training_dropout)
+        if impl == "cudnn":
+            check_attention_backend(impl)
+            out = cudnn_attention(q, key, value, segment_ids, causal=cfg.causal)
+        elif impl == "splash":
+            out = splash_attention(q, key, value, segment_ids, k_segments, causal=cfg.causal,
+                                   interpret=jax.default_backend() != "tpu")
+        else:
+            mask = attention_mask(segment_ids, k_segments, cfg.causal, q_index, k_index)
+            dropout = None
+            if training_dropout:
+                dropout = functools.partial(Dropout(cfg.attention_dropout_rate,
+                                                    cfg.dropout_bits),
+                                            deterministic=False)
+            out = self._einsum_or_xla(impl, q, key, value, mask, dropout, decode=decode)
         out = checkpoint_name(out, "attention_out")
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         out = Projection((cfg.d_model,), ("heads", "head_dim", "embed"), cfg, in_dims=2,
                          name="out")(out)
         return checkpoint_name(out, "matmul_out")
 
-    def _attend(self, q: Array, key: Array, value: Array, mask: Array,
-                dropout: Callable[[Array], Array] | None, *, decode: bool) -> Array:
-        """The attention kernel `cfg.attention_impl` picks. q [B, T, N, H], key/value
-        [B, S, K, H], mask bool[B, 1, T, S] -> [B, T, N, H]; `dropout` on the probabilities
-        (training with attention dropout) forces the einsum kernel."""
+    def _einsum_or_xla(self, impl: str, q: Array, key: Array, value: Array, mask: Array,
+                       dropout: Callable[[Array], Array] | None, *, decode: bool) -> Array:
+        """The 'einsum' kernel (`softmax_attention`, causal self-attention in query blocks where
+        `attention_select.query_blocks` says so) or 'xla' (`jax.nn.dot_product_attention`).
+        q [B, T, N, H], key/value [B, S, K, H], mask bool[B, 1, T, S] -> [B, T, N, H]."""
         cfg = self.cfg
-        if cfg.attention_impl is None or dropout is not None:
-            # the fused kernels have no probabilities to drop
-            if cfg.causal and not decode and cfg.attention_query_blocks > 1:
-                return causal_blocked_attention(q, key, value, mask, cfg.attention_query_blocks,
-                                                dropout)
-            return softmax_attention(q, key, value, mask, dropout)
-        check_attention_backend(cfg.attention_impl)
-        return jax.nn.dot_product_attention(q, key, value, mask=mask,
-                                            implementation=cfg.attention_impl)
+        if impl == "xla":
+            return jax.nn.dot_product_attention(q, key, value, mask=mask, implementation="xla")
+        blocks = query_blocks(cfg)
+        if cfg.causal and not decode and blocks > 1:
+            return causal_blocked_attention(q, key, value, mask, blocks, dropout)
+        return softmax_attention(q, key, value, mask, dropout)
 
     def _update_cache(self, key: Array, value: Array, segment_ids: Array
                       ) -> tuple[Array, Array, Array, Array | None, Array | None]:

@@ -53,7 +53,8 @@ class Block(nn.Module):
         """x [B, T, D]; segment_ids, positions int[B, T]. Returns [B, T, D]
         (act_batch, act_length, act_embed)."""
         cfg = self.cfg
-        drop = functools.partial(Dropout(cfg.dropout_rate), deterministic=deterministic)
+        drop = functools.partial(Dropout(cfg.dropout_rate, cfg.dropout_bits),
+                                 deterministic=deterministic)
         attn = Attention(cfg, name="attention")
         mlp = Mlp(cfg, name="mlp")
         if cfg.norm_placement == "pre":
@@ -137,7 +138,7 @@ class TransformerStack(nn.Module):
                 embedding_init=normal_init(cfg.init_std, ("type_vocab", "embed")), name="type_embed")
         if cfg.embedding_norm:
             self.embedding_norm = Norm(cfg, name="embedding_norm")
-        self.dropout = Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate, cfg.dropout_bits)
 
         block = _ScanBlock if cfg.scan_layers else Block
         if cfg.remat_policy != "none":

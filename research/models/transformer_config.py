@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import gin
+import jax
 import jax.numpy as jnp
 
 from research.errors import ConfigError
@@ -19,7 +20,8 @@ ACTIVATIONS = ("gelu", "gelu_exact", "relu", "swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rotary", "none")
 REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention", "offload")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "einsum", None, "xla", "cudnn", "splash")  # None = "einsum"
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 # Registered under the module that defined it before the split, so both gin selectors stay:
@@ -56,16 +58,22 @@ class TransformerConfig:
     init_std: float = 0.02
     causal: bool = True
     param_dtype: str = "float32"
-    dtype: str = "float32"  # compute dtype
+    # compute dtype; "auto": bfloat16 on GPU and TPU (float32 parameters and optimizer state:
+    # mixed precision), float32 on CPU
+    dtype: str = "auto"
     scan_layers: bool = False
     remat_policy: str = "none"
-    # None: `research.models.attention.softmax_attention`; "xla" / "cudnn":
-    # jax.nn.dot_product_attention's implementations ("cudnn": NVIDIA GPU, bf16)
-    attention_impl: str | None = None
-    # causal self-attention through `softmax_attention` (attention_impl None, or attention
-    # dropout in training) runs in this many query blocks, each attending only the keys up to
-    # its last query (1 = one block; KV-cache decoding always uses one)
-    attention_query_blocks: int = 4
+    # the attention kernel (research/models/attention_select.py): "auto" picks cuDNN flash
+    # attention on NVIDIA GPUs, Pallas splash on TPU and einsums on CPU; "einsum" (or None),
+    # "xla", "cudnn" or "splash" force one
+    attention_impl: str | None = "auto"
+    # causal self-attention through the einsum kernel runs in this many query blocks, each
+    # attending only the keys up to its last query (1 = one block; KV-cache decoding always uses
+    # one); None: 4 on CPU, where it was measured to help, 1 elsewhere
+    attention_query_blocks: int | None = None
+    # random bits per dropout decision: 16 (two per threefry word) or 32; None: 16 on CPU, where
+    # halving the bits was measured to help, 32 elsewhere
+    dropout_bits: int | None = None
 
     def __post_init__(self):
         _check_choice("activation", self.activation, ACTIVATIONS)
@@ -74,13 +82,18 @@ class TransformerConfig:
         _check_choice("norm_placement", self.norm_placement, ("pre", "post"))
         _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+        _check_choice("dtype", self.dtype, COMPUTE_DTYPES)
+        if self.attention_impl == "cudnn" and self.dtype not in ("auto", "bfloat16", "float16"):
             raise ConfigError(f"TransformerConfig.attention_impl='cudnn' needs a 16-bit compute "
-                              f"dtype (dtype='bfloat16'), got dtype={self.dtype!r}; or use "
-                              f"attention_impl='xla' or None.")
-        if not (isinstance(self.attention_query_blocks, int) and self.attention_query_blocks >= 1):
+                              f"dtype (dtype='bfloat16' or 'auto'), got dtype={self.dtype!r}; or "
+                              f"use attention_impl='auto' or 'einsum'.")
+        blocks = self.attention_query_blocks
+        if blocks is not None and not (isinstance(blocks, int) and blocks >= 1):
             raise ConfigError(f"TransformerConfig.attention_query_blocks must be an integer >= 1 "
-                              f"(1 = no blocking), got {self.attention_query_blocks!r}.")
+                              f"(1 = no blocking) or None (by backend), got {blocks!r}.")
+        if self.dropout_bits not in (None, 16, 32):
+            raise ConfigError(f"TransformerConfig.dropout_bits must be 16, 32 or None (by "
+                              f"backend), got {self.dropout_bits!r}.")
         if self.num_heads % self.kv_heads:
             raise ConfigError(f"TransformerConfig.num_heads={self.num_heads} must be a multiple "
                               f"of num_kv_heads={self.kv_heads}.")
@@ -100,7 +113,12 @@ class TransformerConfig:
 
     @property
     def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
+        """The compute dtype; "auto" resolves by JAX's default backend (`resolved_dtype`)."""
+        return jnp.dtype(resolved_dtype(self.dtype))
+
+    def resolved(self) -> TransformerConfig:
+        """This config with `dtype="auto"` replaced by the backend's dtype, as runs record it."""
+        return dataclasses.replace(self, dtype=resolved_dtype(self.dtype))
 
     @property
     def params_dtype(self) -> jnp.dtype:
@@ -116,6 +134,13 @@ class TransformerConfig:
             return self
         m = max(1, self.vocab_multiple)
         return dataclasses.replace(self, vocab_size=-(-tokenizer_vocab_size // m) * m)
+
+
+def resolved_dtype(dtype: str, backend: str | None = None) -> str:
+    """`dtype`, with "auto" replaced by bfloat16 on GPU/TPU and float32 on CPU."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if (backend or jax.default_backend()) in ("gpu", "tpu") else "float32"
 
 
 def _check_choice(name: str, value: str | None, choices: tuple[str | None, ...]) -> None:

@@ -51,6 +51,9 @@ class Objective(abc.ABC):
     eval_perplexity: ClassVar[bool] = False
     """Whether eval metrics add eval/perplexity = exp(eval/loss) (language-model losses)."""
 
+    reads_token_ids: ClassVar[bool] = False
+    """Whether the iterator takes pre-tokenised documents (`tokens:` specs, token-id arrays)."""
+
     has_predictions: ClassVar[bool] = False
     """Whether `predict`, `task_metrics` and `format_prediction` are implemented: then eval
     also reports task metrics over the whole eval set and TEST_DATA gets predictions.tsv."""
@@ -61,7 +64,12 @@ class Objective(abc.ABC):
         """The data of one split: `spec` is TRAIN_DATA / EVAL_DATA / TEST_DATA and `role`
         one of "train", "eval", "test". Default: a document source (`open_documents`)."""
         del role
-        return open_documents(spec)
+        source = open_documents(spec)
+        if spec.strip().startswith("tokens:") and not self.reads_token_ids:
+            raise ConfigError(f"{spec!r} holds pre-tokenised causal-LM documents, which "
+                              f"{type(self).__name__} cannot read (it needs the text); use the "
+                              "text, jsonl or parquet spec it was made from.")
+        return source
 
     def with_training_data(self, source: Any) -> "Objective":
         """This objective with whatever it infers from the opened training split (e.g. label

@@ -32,6 +32,7 @@ class CausalLMObjective(Objective):
     name = "causal_lm"
     required_special_pieces = ("bos", "eos", "pad")
     eval_perplexity = True
+    reads_token_ids = True
 
     def __init__(self, loss_chunk_size: int | None = None):
         self.loss_chunk_size = loss_chunk_size

@@ -5,7 +5,8 @@
            (locally, on a Cloud TPU VM slice, or as SLURM jobs). Re-running the same command
            skips finished trials, resumes interrupted ones and reruns failed ones only with
            --retry_failed.
-  status   one line per trial of a sweep root: status, attempts, exit code, time, step.
+  status   one line per trial of a sweep root: status, attempts, exit code, a failed trial's
+           reason (hang, input error, signal), time, step.
   collect  gather the trials' metrics into tables (python -m research.sweep collect --help).
 
 Sweep file example (gin syntax; `sweeps/lr.gin`):

@@ -2,8 +2,9 @@
 (slurm) the ones that need it, handles Ctrl-C, and prints progress and a summary. Writes
 ROOT/sweep.json; each trial's trial.json through `trial_state`.
 
-Per trial, on every `run`: done (final.json exists) -> skipped; failed -> reported, rerun only
-with --retry_failed; pending, interrupted, or "running" from a sweep that died -> run again
+Per trial, on every `run`: done (final.json exists) -> skipped; failed (with its reason, e.g.
+`hang` for a run the training watchdog stopped: trial_state.failure_reason) -> reported, rerun
+only with --retry_failed; pending, interrupted, or "running" from a sweep that died -> run again
 (research.train resumes from its checkpoints); running in another live process or submitted
 to SLURM and still queued -> left alone. Ctrl-C / SIGTERM forward one SIGTERM to the running
 trials (they checkpoint and exit), which are then marked interrupted.
@@ -31,8 +32,9 @@ from research.sweep.expansion import expand, sweep_json
 from research.sweep.gin_values import to_json
 from research.sweep.launchers import Launcher, SlurmLauncher
 from research.sweep.spec import SweepError, SweepSpec, Trial
-from research.sweep.trial_state import (LOG_FILE, STATUS_ORDER, effective_status, new_state,
-                                        read_state, tail, write_json, write_state)
+from research.sweep.trial_state import (LOG_FILE, STATUS_ORDER, effective_status, ended,
+                                        new_state, read_state, returncode_text, tail, write_json,
+                                        write_state)
 from research.sweep.values import fmt_duration
 
 # (trial, trial.json or None, action: skip | failed | inflight | run, note)
@@ -165,7 +167,7 @@ class Runner:
             if action == "skip":
                 self.say(f"{head}: done, skipped")
             elif action == "failed":
-                self.say(f"{head}: failed (returncode {state.get('returncode')}), not rerun "
+                self.say(f"{head}: failed ({returncode_text(state)}), not rerun "
                          "without --retry_failed")
             elif action == "inflight":
                 self.say(f"{head}: {state.get('status')} ({note}), left alone")
@@ -194,7 +196,7 @@ class Runner:
                 self.results[trial.name] = (state["status"], state)
                 label = {"skip": "skip", "failed": "failed", "inflight": state["status"]}[action]
                 extra = {"skip": "(done)",
-                         "failed": f"(returncode {state.get('returncode')}; --retry_failed reruns it)",
+                         "failed": f"({returncode_text(state)}; --retry_failed reruns it)",
                          "inflight": f"({note})"}[action]
                 self.say(f"{self._count()} {label} {trial.name} {extra}")
             self._to_run = len(todo)
@@ -283,7 +285,7 @@ class Runner:
             except OSError as err:
                 log.write(f"=== research.sweep: could not start the trial: {err}\n")
                 log.close()
-                state.update(status="failed", returncode=127, finished_at=time.time())
+                state.update(ended("failed", 127), finished_at=time.time())
                 self._save(trial, state)
                 self._finish_line(trial, state, 0.0)
                 return
@@ -305,7 +307,7 @@ class Runner:
             status = "interrupted"
         else:
             status = "failed"
-        state.update(status=status, returncode=rc, finished_at=time.time(),
+        state.update(ended(status, rc), finished_at=time.time(),
                      wall_time_s=round(float(state.get("wall_time_s") or 0.0) + elapsed, 3))
         self._save(trial, state)
         self._finish_line(trial, state, elapsed)
@@ -315,7 +317,7 @@ class Runner:
         state.update(name=trial.name, params=to_json(trial.params),
                      command=self.launcher.train_command(trial), launcher=self.launcher.name,
                      status="running", attempts=int(state.get("attempts") or 0) + 1,
-                     returncode=None, started_at=time.time(), finished_at=None,
+                     returncode=None, reason=None, started_at=time.time(), finished_at=None,
                      git_commit=self.git_commit, git_dirty=self.git_dirty,
                      host=socket.gethostname(), log=LOG_FILE)
         launch = self.launcher.launch_command(trial)
@@ -351,7 +353,7 @@ class Runner:
             if remaining > 0 and self.stop_signal is None:
                 mean = sum(self._durations) / len(self._durations)
                 eta = f" (ETA {fmt_duration(mean * remaining / min(self.parallel, remaining))})"
-            rc = f", returncode {state.get('returncode')}" if state["status"] == "failed" else ""
+            rc = f", {returncode_text(state)}" if state["status"] == "failed" else ""
             self.say(f"{self._count()} {state['status']} {trial.name} in "
                      f"{fmt_duration(elapsed)}{rc}{eta}")
 
@@ -372,7 +374,7 @@ class Runner:
                 self.say(f"{self._count()} submitted {trial.name} (slurm job {answer})")
             else:
                 self._append_log(trial, f"=== research.sweep: sbatch failed (exit {rc}): {answer}")
-                state.update(status="failed", returncode=rc, finished_at=time.time())
+                state.update(ended("failed", rc), finished_at=time.time())
                 self.say(f"{self._count()} failed {trial.name}: sbatch exit {rc}: {answer}")
             self._save(trial, state)
             self.results[trial.name] = (state["status"], state)
@@ -390,8 +392,7 @@ class Runner:
             if status != "failed":
                 continue
             log = os.path.join(self.trial_dir(trial), LOG_FILE)
-            rc = (state or {}).get("returncode")
-            self.say(f"\nFAILED {trial.name}: returncode {rc}, log {log}")
+            self.say(f"\nFAILED {trial.name}: {returncode_text(state or {})}, log {log}")
             for line in tail(log):
                 self.say(f"    | {line}")
         if counts.get("failed"):

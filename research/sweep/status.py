@@ -1,5 +1,6 @@
 """`python -m research.sweep status ROOT`: one line per trial (status, attempts, exit code,
-time, step), read from ROOT/sweep.json, trial.json and the run files; starts nothing."""
+a failed trial's reason, e.g. `hang` (trial_state.failure_reason), time, step), read from
+ROOT/sweep.json, trial.json and the run files; starts nothing."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def last_step(trial_dir: str) -> str:
 
 
 def status_table(root: str) -> tuple[list[list[str]], dict[str, int]]:
-    """Rows (trial, status, attempts, returncode, wall time, step) and counts per status."""
+    """Rows (trial, status, attempts, returncode, reason, wall time, step) and counts per
+    status."""
     info = read_object(os.path.join(root, "sweep.json"))
     if info is None or "trials" not in info:
         raise SweepError(f"no sweep.json in {root}; give the --root of a `python -m research.sweep "
@@ -38,7 +40,9 @@ def status_table(root: str) -> tuple[list[list[str]], dict[str, int]]:
         rc = merged.get("returncode")
         wall = merged.get("wall_time_s")
         rows.append([entry["name"], status, str(merged.get("attempts", 0)),
-                     "" if rc is None else str(rc), fmt_duration(wall) if wall else "",
+                     "" if rc is None else str(rc),
+                     (merged.get("reason") or "") if status == "failed" else "",
+                     fmt_duration(wall) if wall else "",
                      last_step(tdir)])
     return rows, counts
 
@@ -48,7 +52,7 @@ def print_status(root: str, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
     root = os.path.abspath(root)
     rows, counts = status_table(root)
-    header = ["trial", "status", "attempts", "rc", "time", "step"]
+    header = ["trial", "status", "attempts", "rc", "reason", "time", "step"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)

@@ -4,19 +4,25 @@ jobs `returncode`/`elapsed_s`; and what all of these say about the trial's statu
 
 Statuses: pending (never started), running (a trainer runs it), submitted (a SLURM job is
 queued or running), done (final.json exists), interrupted (stopped before the end: the next
-`run` resumes it), failed (a nonzero exit code).
+`run` resumes it), failed (a nonzero exit code). A failed trial's trial.json also records
+its `reason` when the exit code tells one (`failure_reason`): `hang` (the training watchdog
+stopped a run that hung, research/training/watchdog.py), `input error` (exit 2: the command or
+config is wrong, a rerun fails the same way) or `signal NAME` (killed). `--retry_failed`
+reruns failed trials whatever the reason; a hung run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
 from typing import Any
 
 from research import workdir
+from research.errors import HangError, UserError
 from research.sweep.gin_values import to_json
 from research.sweep.launchers import ELAPSED_FILE, RETURNCODE_FILE, Launcher, job_in_queue
 from research.sweep.spec import Trial
@@ -25,6 +31,35 @@ STATUS_ORDER = ("done", "failed", "interrupted", "running", "submitted", "pendin
 TRIAL_FILE = "trial.json"
 LOG_FILE = "train.log"
 TAIL_LINES = 20
+
+
+def failure_reason(returncode: int | None) -> str | None:
+    """Why a trial with this nonzero exit code failed: 'hang', 'input error', 'signal NAME'
+    (a negative code, or 128+N from a shell), or None when the code does not say."""
+    if returncode == HangError.exit_code:
+        return "hang"
+    if returncode == UserError.exit_code:
+        return "input error"
+    if returncode is not None and (returncode < 0 or 128 < returncode < 128 + 65):
+        number = -returncode if returncode < 0 else returncode - 128
+        try:
+            return f"signal {signal.Signals(number).name}"
+        except ValueError:
+            return f"signal {number}"
+    return None
+
+
+def ended(status: str, returncode: int | None) -> dict[str, Any]:
+    """trial.json updates for an attempt that ended with `status` and `returncode`, with the
+    failure's `reason` (None unless failed with a telling exit code)."""
+    reason = failure_reason(returncode) if status == "failed" else None
+    return {"status": status, "returncode": returncode, "reason": reason}
+
+
+def returncode_text(state: dict[str, Any]) -> str:
+    """'returncode 75 (hang)' for messages; without the reason when none is known."""
+    reason = state.get("reason")
+    return f"returncode {state.get('returncode')}" + (f" ({reason})" if reason else "")
 
 
 def read_object(file: str) -> dict[str, Any] | None:
@@ -132,7 +167,7 @@ def _submitted_status(trial_dir: str, state: dict[str, Any],
         return "submitted", {}, job
     updates = slurm_outcome(trial_dir, state)
     status = "failed" if updates["returncode"] != 0 else "interrupted"
-    return status, {**updates, "status": status}, job
+    return status, {**updates, **ended(status, updates["returncode"])}, job
 
 
 def slurm_outcome(trial_dir: str, state: dict[str, Any]) -> dict[str, Any]:

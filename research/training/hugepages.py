@@ -10,7 +10,10 @@ step 8.1 s -> 4.9 s on a 2-core VM).
 glibc reads tunables only at process start, so `python -m research.train` and
 `python -m research.benchmark` re-execute themselves once with `GLIBC_TUNABLES` extended, before
 importing JAX. Nothing happens when the tunable is already set, on non-Linux systems, with
-glibc older than 2.35, when the kernel's THP mode is `never`, or when `RESEARCH_HUGEPAGES=0`.
+glibc older than 2.35, when the kernel's THP mode is `never`, when `RESEARCH_HUGEPAGES=0`, or
+when the run will use an accelerator (an NVIDIA GPU or TPU device node is present and
+JAX_PLATFORMS does not pick the CPU): there XLA's temporaries live in device memory, and the
+trick was measured only on the CPU backend.
 """
 
 from __future__ import annotations
@@ -56,10 +59,24 @@ def supported() -> bool:
     return system_supports(sys.platform, glibc_version(), thp_mode())
 
 
+ACCELERATOR_NODES = ("/dev/nvidiactl", "/dev/accel0", "/dev/vfio/0")
+
+
+def uses_accelerator(env: Mapping[str, str], nodes: tuple[str, ...] = ACCELERATOR_NODES) -> bool:
+    """Whether JAX will run on a GPU/TPU: JAX_PLATFORMS names one first, or (unset) a GPU or TPU
+    device node exists. Decided without importing JAX (this runs before it is loaded)."""
+    platforms = env.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0] not in ("cpu", "")
+    return any(os.path.exists(node) for node in nodes)
+
+
 def hugepage_env(env: Mapping[str, str], platform: str, glibc: tuple[int, int] | None,
-                 thp: str | None) -> dict[str, str] | None:
+                 thp: str | None, accelerator: bool = False) -> dict[str, str] | None:
     """The environment to re-execute with, or None when nothing should change."""
     if env.get(OPT_OUT, "1") == "0" or TUNABLE in env.get("GLIBC_TUNABLES", ""):
+        return None
+    if accelerator:
         return None
     if not system_supports(platform, glibc, thp):
         return None
@@ -75,7 +92,8 @@ def active() -> bool:
 def reexec_module(module: str) -> None:
     """Re-executes `python -m module <same args>` with huge-page malloc when it helps; returns
     (doing nothing) otherwise. Call first thing under `if __name__ == "__main__":`."""
-    env = hugepage_env(os.environ, sys.platform, glibc_version(), thp_mode())
+    env = hugepage_env(os.environ, sys.platform, glibc_version(), thp_mode(),
+                       accelerator=uses_accelerator(os.environ))
     if env is None:
         return
     # sys.orig_argv keeps the interpreter's own flags (-X, -W, ...) as well as `-m module args`.

@@ -10,6 +10,8 @@
   eval     every eval_every steps (training/evaluation.py); the best params with best_metric
   save     a checkpoint every checkpoint_every steps and at the end; then test predictions
            and DIR/final.json
+`profile_steps=(N, M)` (research.train's --profile_steps=N:M) traces the loop's steps N..M-1
+with jax.profiler into DIR/profile (research/profiling.py).
 Re-running the same command with the same DIR resumes exactly.
 
 Reliability (see research/workdir.py): DIR is locked (DIR/.lock) while training; a DIR with a
@@ -17,7 +19,10 @@ config.gin only resumes with the same bindings, except layout-only ones (MESH_SH
 rules, remat, attention kernel: workdir.LAYOUT_KEYS), and under any process count;
 SIGTERM/SIGINT save a checkpoint at the current step and return; DIR/final.json marks a
 finished run; a NaN/Inf loss or gradient stops the run naming the step
-(`train.on_nonfinite='stop'`) or skips that update (`'skip'`, counted as train/skipped_steps).
+(`train.on_nonfinite='stop'`) or skips that update (`'skip'`, counted as train/skipped_steps);
+a train step, eval, checkpoint save/restore or cross-process sync that runs past
+`train.hang_timeout_s` dumps the stacks to DIR/hang-<process>-<step>.txt and exits 75
+(training/watchdog.py), so that a rerun resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from research import errors
+from research import errors, profiling
 from research import workdir as workdir_lib
 from research.checkpoints import init_from as init_checkpoint_lib
 from research.checkpoints import manager as checkpointing
+from research.data.mixture import open_train_data
 from research.objectives import losses
 from research.training import partitioning, preemption
+from research.training import watchdog as watchdog_lib
 from research.training.evaluation import Evaluator, write_predictions
 from research.training.metrics_writer import MetricsWriter
 from research.training.run_config import RunConfig, Schedule
@@ -50,11 +57,13 @@ from research.training.steps import make_eval_step, make_predict_step, make_trai
 __all__ = ["train", "RunConfig", "Setup", "build_setup", "make_train_step", "make_eval_step"]
 
 
-def train(workdir: str, config: RunConfig | None = None, **overrides: Any) -> dict[str, float]:
+def train(workdir: str, config: RunConfig | None = None, *,
+          profile_steps: profiling.Window | None = None, **overrides: Any) -> dict[str, float]:
     """Trains `config` into `workdir`; returns the last logged metrics.
 
     `config` None: the gin-configured RunConfig (the `train.*` bindings), with `overrides`
     (RunConfig fields) taking precedence. Wrong types fail here, before any compute.
+    `profile_steps` (N, M): a jax.profiler trace of the steps N..M-1 in workdir/profile.
     """
     if config is None:
         config = RunConfig(**overrides)
@@ -62,8 +71,9 @@ def train(workdir: str, config: RunConfig | None = None, **overrides: Any) -> di
         config = dataclasses.replace(config, **overrides)
     create_workdir(workdir)
     with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
-            preemption.PreemptionGuard() as guard:
-        return _train(workdir, config, guard)
+            preemption.PreemptionGuard() as guard, \
+            watchdog_lib.Watchdog(workdir, config.hang_timeout_s, host=jax.process_index()) as dog:
+        return _train(workdir, config, guard, profile_steps, dog)
 
 
 def create_workdir(workdir: str) -> None:
@@ -90,9 +100,12 @@ class _Run:
     data_kwargs: dict[str, Any]  # this host's share of the batches: make_iterator kwargs
 
 
-def _train(workdir: str, config: RunConfig, guard: preemption.PreemptionGuard) -> dict[str, float]:
+def _train(workdir: str, config: RunConfig, guard: preemption.PreemptionGuard,
+           profile_steps: profiling.Window | None,
+           dog: watchdog_lib.Watchdog) -> dict[str, float]:
     # Setup: data, model, mesh, optimizer; a DIR holding another run is refused here.
     run = _prepare(workdir, config)
+    profiling.check_window(profile_steps, run.schedule.num_steps, "TRAIN_STEPS")
     setup = run.setup
     train_iter = setup.objective.make_iterator(run.train_source, setup.tokenizer, repeat=True,
                                                **run.data_kwargs)
@@ -105,7 +118,10 @@ def _train(workdir: str, config: RunConfig, guard: preemption.PreemptionGuard) -
     best = (checkpointing.BestCheckpoint(os.path.join(workdir, "best"), config.best_metric)
             if config.best_metric else None)
     # Restore: DIR's last checkpoint, else a fresh (or INIT_CHECKPOINT) state.
-    state, start = _restore(run, ckpt, train_iter)
+    resume_step = ckpt.latest_step()
+    with dog.phase("checkpoint restore" if resume_step is not None else "state initialisation",
+                   resume_step or 0, compiles=resume_step is None):  # initialising compiles
+        state, start = _restore(run, ckpt, train_iter)
     _write_run_files(workdir, setup, vocab=run.vocab, seq_len=config.seq_len)
     # Loop: train steps, logging, eval and checkpoints until num_steps or a preemption.
     predict_step = make_predict_step(setup) if setup.objective.has_predictions else None
@@ -113,18 +129,19 @@ def _train(workdir: str, config: RunConfig, guard: preemption.PreemptionGuard) -
                            make_eval_step(setup), predict_step)
                  if eval_source is not None else None)
     loop = _Loop(workdir, run, guard, ckpt, best, evaluator, train_iter,
-                 make_train_step(setup, config.microbatches))
+                 make_train_step(setup, config.microbatches), dog, profile_steps)
     state, last, done, preempted = loop.run(state, start)
     # Save: test predictions (with the best params) and the completion marker.
     if preempted:
         _report_preemption(guard, ckpt, done, run.schedule.num_steps)
     elif config.test_data and predict_step is not None:
         params = state["params"]
-        if best is not None and best.exists():
-            params = best.restore(setup.abstract_state["params"])
-        write_predictions(workdir, setup, predict_step, params,
-                          setup.objective.open_source(config.test_data, role="test"),
-                          run.data_kwargs)
+        with dog.phase("test predictions", done, compiles=True):
+            if best is not None and best.exists():
+                params = best.restore(setup.abstract_state["params"])
+            write_predictions(workdir, setup, predict_step, params,
+                              setup.objective.open_source(config.test_data, role="test"),
+                              run.data_kwargs)
     if best is not None:
         best.close()
     if not preempted and (done > start or workdir_lib.read_final(workdir) is None):
@@ -144,7 +161,7 @@ def _prepare(workdir: str, config: RunConfig) -> _Run:
         raise errors.ConfigError("VOCAB is None: set it to a SentencePiece .model (e.g. "
                                  "--gin.VOCAB=\"'data/tokenizers/austen_8k.model'\"), or pass an "
                                  "INIT_CHECKPOINT whose run.json names its tokenizer.")
-    train_source = config.objective.open_source(config.train_data, role="train")
+    train_source = open_train_data(config.objective, config.train_data)  # spec or mixture
     objective = config.objective.with_training_data(train_source)
     schedule = config.schedule(objective.steps_per_epoch(train_source, config.batch_size))
     setup = build_setup(model_config=config.model_config, objective=objective, vocab=vocab,
@@ -188,8 +205,12 @@ class _Loop:
 
     def __init__(self, workdir: str, run: _Run, guard: preemption.PreemptionGuard,
                  ckpt: checkpointing.Checkpointer, best: checkpointing.BestCheckpoint | None,
-                 evaluator: Evaluator | None, train_iter: Any, train_step: Any):
-        self.workdir, self.guard = workdir, guard
+                 evaluator: Evaluator | None, train_iter: Any, train_step: Any,
+                 watchdog: watchdog_lib.Watchdog, profile_steps: profiling.Window | None = None):
+        self.workdir, self.guard, self.watchdog = workdir, guard, watchdog
+        self.profiler = profiling.StepProfiler(
+            profile_steps, os.path.join(workdir, "profile"),
+            announce=logging.info if jax.process_index() == 0 else None)
         self.config, self.schedule, self.setup = run.config, run.schedule, run.setup
         self.ckpt, self.best, self.evaluator = ckpt, best, evaluator
         self.train_iter, self.train_step = train_iter, train_step
@@ -214,13 +235,17 @@ class _Loop:
             cleanup.callback(self.train_iter.close)
             bar = cleanup.enter_context(_progress(
                 start, num_steps, enabled=config.progress_bar and jax.process_index() == 0))
+            cleanup.callback(self.profiler.close)
             for step in range(start, num_steps):
-                state = self._step(state, log)
+                self.profiler.before(step, (state, log.pending))
+                state = self._step(step + 1, state, log)
+                self.profiler.after(step, (state, log.pending))
                 done = step + 1
                 eval_now = self.evaluator is not None and (
                     done % self.schedule.eval_every == 0 or done == num_steps)
                 log_now = done % config.log_every == 0 or done == num_steps or eval_now
-                stop = _preemption_requested(self.guard, log_now, jax.process_count())
+                with self.watchdog.phase("preemption sync", done):
+                    stop = _preemption_requested(self.guard, log_now, jax.process_count())
                 if log_now or stop:
                     writer.write(done, self._log(done, state, log, eval_now, bar))
                 bar.update(1)
@@ -231,14 +256,18 @@ class _Loop:
             if start >= num_steps:
                 logging.info("%s is already at step %d of %d: nothing to train (raise "
                              "TRAIN_STEPS to continue).", self.workdir, start, num_steps)
-        self.ckpt.close()  # an async save's failure surfaces here
+        with self.watchdog.phase("checkpoint save", done):
+            self.ckpt.close()  # an async save's failure surfaces here
         return state, log.last, done, preempted
 
-    def _step(self, state: State, log: "_TrainLog") -> State:
-        """One train step; its metrics stay on the device (log.pending)."""
+    def _step(self, number: int, state: State, log: "_TrainLog") -> State:
+        """Train step `number` (1-based); its metrics stay on the device (log.pending), and
+        the watchdog counts the step done when they are ready."""
+        self.watchdog.begin_step(number)
         with partitioning.mesh_rules(self.setup.mesh, self.setup.rules):
             batch = partitioning.global_batch(next(self.train_iter), self.setup.mesh)
             state, metrics = self.train_step(state, batch)
+        self.watchdog.end_step(metrics)
         log.pending.append(metrics)
         return state
 
@@ -246,10 +275,12 @@ class _Loop:
              bar: tqdm) -> dict[str, float]:
         """The metrics logged at step `done`: train/ means since the last log, eval/ ones."""
         last = log.summarize(done)
-        if eval_now:
-            last.update(self.evaluator(state["params"]))
-            if self.best is not None:
-                self.best.update(done, state["params"], last)
+        if eval_now:  # the eval's batches (and the best params' save) have one deadline
+            with self.watchdog.phase("eval", done, compiles=True,
+                                     scale=self.config.eval_steps or 1):
+                last.update(self.evaluator(state["params"]))
+                if self.best is not None:
+                    self.best.update(done, state["params"], last)
             logging.info("step %d/%d: %s", done, self.schedule.num_steps,
                          ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith("eval/")))
         bar.set_postfix(loss=f"{last['train/loss']:.3f}",
@@ -261,7 +292,8 @@ class _Loop:
             return
         if log.stop_on_nonfinite and log.pending:  # never checkpoint past an unchecked bad step
             log.check_finite([float(f) for f in to_host([m["nonfinite"][0] for m in log.pending])])
-        self.ckpt.save(done, state, self.train_iter.get_state(), force=force)
+        with self.watchdog.phase("checkpoint save", done):
+            self.ckpt.save(done, state, self.train_iter.get_state(), force=force)
 
 
 class _TrainLog:

@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple
 
 import gin
 
+from research.data.mixture import EXAMPLE as MIXTURE_EXAMPLE, mixture_problem
 from research.errors import ConfigError, InvalidConfigError
 from research.models.transformer import TransformerConfig
 from research.objectives.base import Objective
@@ -58,6 +59,12 @@ MESH = Check("a dict of axis name to int (or None)",
              lambda v: v is None or (isinstance(v, dict) and all(
                  isinstance(k, str) and _is_int(n) for k, n in v.items())),
              "\"{'data': -1}\"")
+HANG_TIMEOUT = Check("a positive number of seconds, None or 'auto'",
+                     lambda v: v is None or v == "auto" or POS_NUM.ok(v), "1800")
+TRAIN_DATA = Check("a spec string, or for a weighted mixture a non-empty list of (spec, weight) "
+                   "pairs with non-empty spec strings and positive finite weights, e.g. "
+                   + MIXTURE_EXAMPLE, lambda v: isinstance(v, str) or mixture_problem(v) is None,
+                   f"\"{MIXTURE_EXAMPLE}\"")
 NONFINITE = Check(f"one of {NONFINITE_MODES}", lambda v: v in NONFINITE_MODES, "\"'skip'\"")
 
 
@@ -79,15 +86,21 @@ class RunConfig:
     warmup_steps is None), `eval_every` None (once per epoch), `init_checkpoint` +
     `assignment_map` (see research.checkpoints.init_from; vocab None = the pretraining run's),
     `best_metric` (e.g. 'eval/accuracy': the best parameters are kept in DIR/best) and
-    `test_data` (predictions written to DIR/predictions.tsv). `eval_steps` None evaluates the
-    whole set. `microbatches` splits each step's batch for gradient accumulation.
+    `test_data` (predictions written to DIR/predictions.tsv). `train_data` may be a list of
+    (spec, weight) pairs: a deterministic weighted mixture (research.data.mixture).
+    `eval_steps` None evaluates the whole set. `microbatches` splits each step's batch for
+    gradient accumulation.
     `on_nonfinite`: a NaN/Inf loss or gradient stops the run ('stop') or skips that update
     ('skip', counted as train/skipped_steps).
+    `hang_timeout_s`: a train step, eval, checkpoint save/restore or cross-process sync running
+    longer dumps the stacks to DIR/hang-<process>-<step>.txt and exits 75, to be rerun and
+    resume (research/training/watchdog.py); None/'auto' = max(10 min, 50 x the median step).
     """
 
     model_config: TransformerConfig = _field(example="@TransformerConfig()")
     objective: Objective = _field(example="@CausalLMObjective()")
-    train_data: str = _field(check=STR, macro="TRAIN_DATA", example="\"'text:data/*.txt'\"")
+    train_data: str | list = _field(check=TRAIN_DATA, macro="TRAIN_DATA",
+                                    example="\"'text:data/*.txt'\"")
     eval_data: str | None = _field(None, check=_or_none(STR), macro="EVAL_DATA",
                                    example="\"'text:data/*.txt'\"")
     test_data: str | None = _field(None, check=_or_none(STR), macro="TEST_DATA")
@@ -114,6 +127,7 @@ class RunConfig:
     async_checkpoints: bool = _field(True, check=BOOL)
     progress_bar: bool = _field(True, check=BOOL)
     on_nonfinite: str = _field("stop", check=NONFINITE)
+    hang_timeout_s: float | str | None = _field(None, check=HANG_TIMEOUT)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -50,7 +50,7 @@ def build_setup(*, model_config: TransformerConfig, objective: Objective, vocab:
     del batch_size
     tokenizer = load_tokenizer(vocab)
     tokenizer.require_special(*objective.required_special_pieces)
-    cfg = model_config.with_vocab(tokenizer.vocab_size)
+    cfg = model_config.with_vocab(tokenizer.vocab_size).resolved()
     if cfg.max_len < seq_len and cfg.position == "learned":
         raise ConfigError(f"SEQ_LEN={seq_len} exceeds TransformerConfig.max_len={cfg.max_len} "
                           f"(learned position embeddings): pass --gin.SEQ_LEN={cfg.max_len} or "
