@@ -142,8 +142,8 @@ def test_parquet_mistakes_name_file_and_fix(tmp_path, data_dir, table, text_fiel
 @pytest.mark.parametrize("name, content", [
     ("bad.jsonl.gz", b"not gzip at all\n"),
     ("bad.jsonl.zst", b"not zstd at all\n"),
-    ("cut.jsonl.gz", gzip.compress(b'{"text": "abc"}\n' * 200)[:40]),
-])
+    ("cut.jsonl.gz", gzip.compress(b'{"text": "abc"}\n' * 200, mtime=0)[:40]),
+], ids=["bad.jsonl.gz", "bad.jsonl.zst", "cut.jsonl.gz"])  # stable ids: xdist workers must agree
 def test_corrupt_compressed_file_is_a_data_source_error(tmp_path, data_dir, name, content):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(DataSourceError, match=f"Cannot read input file .*{name}"):
