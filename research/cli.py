@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 from typing import Callable, NoReturn
 
+from research import storage
 from research.errors import EXPECTED, ConfigError
 
 # gin appends where a configurable was called to the message of any error raised inside it.
@@ -65,15 +65,4 @@ def check_output_dir(path: str, flag: str, given: str | None = None) -> None:
 
     `flag` names the flag in the message; `given` is its value when `path` is derived from it
     (the directory of an output prefix), else the value is `path`."""
-    subject = f"{flag}={given or path}"
-    target = existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        if existing == target and given is None:
-            raise ConfigError(f"{subject} is a file, not a directory; pick a directory (a new "
-                              "path is created).")
-        raise ConfigError(f"{subject} cannot be created: {existing} is a file; pick another path.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{subject}: {existing} is not writable; pick a directory you can "
-                          "write to.")
+    storage.check_writable(path, flag, given)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 from typing import Sequence
 
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research import cli, logs
+from research import cli, logs, storage
 from research import workdir as workdir_lib
 from research.checkpoints.manager import Checkpointer
 from research.data.tokenizer import load_tokenizer
@@ -146,14 +145,14 @@ def load_for_generation(workdir: str, step: int | None = None):
     checkpoint."""
     info = workdir_lib.read_run_info(workdir)
     if info is None:
-        problem = "does not exist" if not os.path.isdir(workdir) else "has no readable run.json"
+        problem = "does not exist" if not storage.isdir(workdir) else "has no readable run.json"
         raise ConfigError(f"--workdir={workdir} {problem}; {NOT_A_RUN} (it writes run.json "
                           "when training starts).")
     if info.get("objective") != "causal_lm":
         raise ConfigError(f"--workdir={workdir} holds a {info.get('objective')!r} model; "
                           "generation needs an autoregressive (causal_lm) checkpoint.")
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(checkpoints):  # Checkpointer would create it
+    checkpoints = storage.join(workdir, "checkpoints")
+    if not storage.isdir(checkpoints):  # Checkpointer would create it
         raise ConfigError(f"--workdir={workdir} has no checkpoints/ yet; train it until a "
                           "checkpoint is saved (train.checkpoint_every), or pick another run.")
     tokenizer = load_tokenizer(info["vocab"])

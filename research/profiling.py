@@ -20,8 +20,11 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shutil
+import tempfile
 from typing import Any, Callable
 
+from research import storage
 from research.errors import ConfigError
 
 Window = tuple[int, int]  # (N, M): the steps N..M-1 (0-based), half-open
@@ -68,6 +71,7 @@ class StepProfiler:
         self.first: int | None = None  # the first traced step, once the trace has started
         self.last: int | None = None  # the step counter after the last traced step
         self.active = False
+        self._local_dir: str | None = None  # where a trace for an object-store log_dir goes first
 
     def before(self, step: int, live: Any) -> None:
         if self.window is None or self.active or self.first is not None:
@@ -75,8 +79,11 @@ class StepProfiler:
         if self.window[0] <= step < self.window[1]:
             import jax
             jax.block_until_ready(live)  # earlier steps' device work stays out of the trace
-            os.makedirs(self.log_dir, exist_ok=True)
-            jax.profiler.start_trace(self.log_dir)
+            if storage.is_remote(self.log_dir):  # traced locally, copied there on stop
+                self._local_dir = tempfile.mkdtemp(prefix="research-profile-")
+            else:
+                os.makedirs(self.log_dir, exist_ok=True)
+            jax.profiler.start_trace(self._local_dir or self.log_dir)
             self.active, self.first = True, step
 
     def after(self, step: int, outputs: Any) -> None:
@@ -99,13 +106,18 @@ class StepProfiler:
         import jax
         jax.profiler.stop_trace()
         self.active = False
+        where = trace_files(self._local_dir or self.log_dir)
+        if self._local_dir:
+            storage.upload(self._local_dir, self.log_dir)
+            where = [storage.join(self.log_dir, os.path.relpath(f, self._local_dir)) for f in where]
+            shutil.rmtree(self._local_dir, ignore_errors=True)
+            self._local_dir = None
         if not self.announce:
             return
         first = self.first
         last = self.last if self.last is not None else first  # stopped inside its first step
         early = "" if last == self.window[1] else f" (stopped early; asked for {self.window[1]})"
-        where = trace_files(self.log_dir)
-        shown = os.path.dirname(where[-1]) if where else self.log_dir
+        shown = storage.dirname(where[-1]) if where else self.log_dir
         msg = (f"profile: steps {first}:{last}{early} traced to {shown}; view with "
                f"`tensorboard --logdir {self.log_dir}` (profile plugin) or "
                f"`xprof --logdir={self.log_dir}`; kernel table: "

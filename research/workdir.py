@@ -8,7 +8,10 @@ Files (process 0 writes them; every write of a whole file is atomic: temp file +
   DIR/final.json     written when a run completes        write_final / read_final
   DIR/.lock          held while a run trains             WorkdirLock
 
-* `WorkdirLock`: DIR/.lock (fcntl.flock, held by process 0) so two runs never train into one DIR.
+DIR may be local or on object storage (gs://...; every access goes through research/storage.py).
+
+* `WorkdirLock`: DIR/.lock, held by process 0, so two runs never train into one DIR: an
+  fcntl.flock on a local DIR, a heartbeat lease object on object storage (research/lease.py).
 * `check_resume_config`: a DIR that already has a config.gin only resumes with the same
   bindings (run length, logging/eval/checkpoint cadence, the progress bar and layout-only
   bindings such as MESH_SHAPE, the sharding rules and the remat policy may change).
@@ -24,6 +27,8 @@ import re
 import socket
 from typing import Any, Iterable
 
+from research import lease as lease_lib
+from research import storage
 from research.errors import ConfigMismatchError, WorkdirLockedError
 
 CONFIG_FILE = "config.gin"
@@ -35,23 +40,27 @@ LOCK_FILE = ".lock"
 
 def path(workdir: str, name: str) -> str:
     """DIR/name for one of the run files above."""
-    return os.path.join(workdir, name)
+    return storage.join(workdir, name)
 
 
 def write_text(file: str, text: str) -> None:
     """Writes `text` to `file` atomically (a reader never sees half a file)."""
-    tmp = file + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, file)
+    storage.write_text(file, text)
+
+
+def _read_text(file: str) -> str | None:
+    try:
+        return storage.read_text(file)
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def read_json(file: str) -> Any:
     """The JSON object in `file`, or None if it is missing or unreadable (cut short by a crash)."""
+    text = _read_text(file)
     try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return None if text is None else json.loads(text)
+    except ValueError:
         return None
 
 
@@ -60,11 +69,7 @@ def write_config(workdir: str, text: str) -> None:
 
 
 def read_config(workdir: str) -> str | None:
-    try:
-        with open(path(workdir, CONFIG_FILE), encoding="utf-8") as f:
-            return f.read()
-    except OSError:
-        return None
+    return _read_text(path(workdir, CONFIG_FILE))
 
 
 def write_run_info(workdir: str, info: dict[str, Any]) -> None:
@@ -85,56 +90,65 @@ def read_final(workdir: str) -> dict[str, Any] | None:
 
 def is_finished(workdir: str) -> bool:
     """Whether the run in DIR completed (DIR/final.json exists)."""
-    return os.path.exists(path(workdir, FINAL_FILE))
+    return storage.exists(path(workdir, FINAL_FILE))
 
 
 def read_metrics(workdir_or_file: str) -> list[dict[str, Any]]:
     """The records of DIR/metrics.jsonl (or of that file itself) in order; a line cut short by
     a crash, or without a step, is skipped. [] if there is no file."""
     file = workdir_or_file
-    if os.path.isdir(file):
+    if not file.endswith(".jsonl") and storage.isdir(file):
         file = path(file, METRICS_FILE)
     records = []
-    try:
-        with open(file, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and "step" in record:
-                    records.append(record)
-    except OSError:
-        return []
+    for line in (_read_text(file) or "").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
     return records
 
 
 def append_metrics(workdir: str, record: dict[str, Any]) -> None:
-    """Appends one record (a dict with "step") to DIR/metrics.jsonl."""
-    with open(path(workdir, METRICS_FILE), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """Appends one record (a dict with "step") to DIR/metrics.jsonl (on object storage, which
+    has no append, the object is rewritten with the record added: research/storage.py)."""
+    storage.append_text(path(workdir, METRICS_FILE), json.dumps(record) + "\n")
 
 
 def truncate_metrics(workdir: str, last_step: int) -> None:
     """Drops the records after `last_step` (and torn lines), so a resumed run's file reads as if
     it had never stopped."""
     file = path(workdir, METRICS_FILE)
-    if os.path.exists(file):
+    if storage.exists(file):
         kept = [r for r in read_metrics(file) if r["step"] <= last_step]
         write_text(file, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class WorkdirLock:
-    """An exclusive, non-blocking flock on DIR/.lock holding 'pid host'. The OS drops it when
-    the process dies (kill -9 included), so a stale file never blocks a restart."""
+    """Local DIR: an exclusive, non-blocking flock on DIR/.lock holding 'pid host'. The OS
+    drops it when the process dies (kill -9 included), so a stale file never blocks a restart.
+    DIR on object storage: a lease object DIR/.lock with a heartbeat (research/lease.py); a
+    killed run's lease is taken over once its heartbeat is older than `lease_ttl_s`."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
-        self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    def __init__(self, workdir: str, enabled: bool = True,
+                 lease_ttl_s: float = lease_lib.DEFAULT_TTL_S):
+        self.path = path(storage.resolve(workdir), LOCK_FILE)
         self.enabled = enabled
         self._fd: int | None = None
+        self.lease = (lease_lib.Lease(self.path, ttl_s=lease_ttl_s)
+                      if enabled and storage.is_remote(workdir) else None)
+
+    def check(self) -> None:
+        """WorkdirLockedError if another run took this run's lease (object storage only)."""
+        if self.lease is not None:
+            self.lease.check()
 
     def acquire(self) -> None:
         if not self.enabled:
+            return
+        if self.lease is not None:
+            self.lease.acquire()
             return
         import fcntl
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -154,6 +168,8 @@ class WorkdirLock:
         self._fd = fd
 
     def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
         if self._fd is not None:
             import fcntl
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -171,7 +187,10 @@ class WorkdirLock:
 def lock_held(workdir: str) -> bool:
     """Whether a process (on any host sharing the filesystem) holds DIR/.lock, i.e. a run
     trains in DIR now. Only probes: a probe could race a trainer taking the lock, so ask only
-    about a DIR whose trainer is not known to be starting."""
+    about a DIR whose trainer is not known to be starting. On object storage: a lease whose
+    heartbeat is fresh."""
+    if storage.is_remote(workdir):
+        return lease_lib.lease_held(path(storage.resolve(workdir), LOCK_FILE))
     import fcntl
     try:
         fd = os.open(path(workdir, LOCK_FILE), os.O_RDONLY)
@@ -187,12 +206,13 @@ def lock_held(workdir: str) -> bool:
         os.close(fd)
 
 
-# Bindings a resumed run may change: run length and cadences that do not alter the math.
+# Bindings a resumed run may change: run length and cadences that do not alter the math, and
+# the tokenizer worker count (where the same token ids are computed).
 RESUMABLE_KEYS = frozenset({
     "TRAIN_STEPS", "train.num_steps", "train.num_epochs", "train.log_every", "train.eval_every",
     "train.eval_steps", "train.checkpoint_every", "train.keep_checkpoints",
     "train.async_checkpoints", "train.progress_bar", "train.on_nonfinite",
-    "train.hang_timeout_s",
+    "train.hang_timeout_s", "tokenize_workers.workers",
 })
 
 # Bindings that only choose how the same computation is laid out on the devices (sharding,

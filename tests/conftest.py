@@ -181,3 +181,29 @@ def clean_gin():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A GCS emulator on localhost with bucket `bkt`, one per test process (tests/gcs_emulator.py);
+    its variables are in os.environ for the whole session (gcsfs reads them when it first builds
+    its filesystem, and CLI subprocesses inherit them)."""
+    from tests.gcs_emulator import GcsEmulator
+    with GcsEmulator(buckets=["bkt"]) as server:
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture
+def gcs(gcs_server):
+    """A fresh gs://bkt/<unique>/ prefix on the session's emulator."""
+    import uuid
+    return f"gs://bkt/{uuid.uuid4().hex[:12]}"

@@ -17,6 +17,9 @@ Export (ours -> HF), from a training workdir or a converted directory:
 writes config.json + model.safetensors with HF key names (BertForPreTraining for BERT
 pretraining params, BertForSequenceClassification for fine-tuned ones, GPT2LMHeadModel for
 causal LMs). Supported model types: bert (absolute positions) and gpt2.
+
+Every directory may also be an object-store URL, e.g. --from_hf=gs://bkt/hf/bert-base-uncased
+--to=gs://bkt/ckpt/bert_base.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from research import cli  # noqa: E402
+from research import cli, storage  # noqa: E402
 from research.checkpoints.hf import convert as hf_convert  # noqa: E402
 
 
@@ -69,17 +72,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.time()
     if args.from_hf:
-        cli.check_output_dir(args.to, "--to")
+        storage.check_writable(args.to, "--to")
         converted = hf_convert.convert_from_hf(args.from_hf, args.to, scan_layers=args.scan_layers,
                                                overwrite=args.overwrite)
         cfg = converted.cfg
         print(f"Converted HF {converted.model_type} ({cfg.num_layers} layers, d_model "
               f"{cfg.d_model}, vocab {cfg.vocab_size}, {len(converted.params)} tensors, "
               f"objective {converted.objective}) to {args.to} in {time.time() - start:.1f}s.")
-        print(f"Use: --gin_file={os.path.join(args.to, 'model.gin')} "
+        print(f"Use: --gin_file={storage.join(args.to, 'model.gin')} "
               f"--gin.INIT_CHECKPOINT=\"'{args.to}'\"")
     else:
-        cli.check_output_dir(args.to_hf, "--to_hf")
+        storage.check_writable(args.to_hf, "--to_hf")
         config = hf_convert.convert_to_hf(args.from_ours, args.to_hf, overwrite=args.overwrite)
         print(f"Wrote {config['architectures'][0]} ({config['model_type']}) to {args.to_hf} "
               f"in {time.time() - start:.1f}s.")

@@ -11,6 +11,8 @@ tokens.json (document and token counts, dtype, the tokenizer's fingerprint), off
 tokens-NNNNN.bin shards (research/data/tokens.py). The ids equal the tokenizer's own output
 for every document, and the files are byte-identical for any --workers. A run whose VOCAB has
 another fingerprint is refused. --output must be new or empty: nothing is overwritten.
+--input, --vocab and --output may be object-store URLs (--output=gs://bkt/austen_tokens: each
+shard is uploaded once written; train with TRAIN_DATA 'tokens:gs://bkt/austen_tokens').
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from research import cli  # noqa: E402
+from research import cli, storage  # noqa: E402
 from research.data import token_writer  # noqa: E402
 
 
@@ -40,7 +42,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab", required=True, metavar="PATH",
                         help="the run's VOCAB: a SentencePiece .model or a WordPiece vocab.txt")
     parser.add_argument("--output", required=True, metavar="DIR",
-                        help="new or empty directory for the token files")
+                        help="new or empty directory for the token files (or a URL prefix, "
+                             "e.g. gs://bkt/corpus)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="tokenising processes (default: the CPU count)")
     parser.add_argument("--text_field", default=None,
@@ -65,7 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     token_writer.check_output(args.output)
-    cli.check_output_dir(args.output, "--output")
+    storage.check_writable(args.output, "--output")
     source_kwargs = {k: v for k, v in (("text_field", args.text_field), ("split", args.split),
                                                 ("data_dir", args.data_dir))
                      if v is not None}

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 import re
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
+from research import storage
 from research.checkpoints.errors import (
     CheckpointMismatchError, CheckpointNotFoundError, MissingParameterError)
 from research.checkpoints.manager import param_shapes, path_str, restore_param_subset
@@ -41,18 +41,18 @@ _WHAT_TO_PASS = ("Pass a training workdir (with checkpoints/), its checkpoints/ 
 def resolve(init_checkpoint: str, flag: str = "INIT_CHECKPOINT") -> tuple[str, int]:
     """(Orbax manager directory, step) for a workdir, a checkpoints dir or one step's dir;
     `flag` names the setting the path came from in the error messages."""
-    path = os.path.abspath(init_checkpoint)
-    if not os.path.isdir(path):
-        problem = "is a file, not a directory" if os.path.exists(path) else "does not exist"
+    path = storage.resolve(init_checkpoint)
+    if not storage.isdir(path):
+        problem = "is a file, not a directory" if storage.exists(path) else "does not exist"
         raise CheckpointNotFoundError(
             f"{flag} {init_checkpoint!r} {problem}. {_WHAT_TO_PASS}")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    name = os.path.basename(path)
-    if name.isdigit() and os.path.isdir(os.path.join(path, "params")):
-        return os.path.dirname(path), int(name)
-    steps = sorted(int(d) for d in os.listdir(path)
-                   if d.isdigit() and os.path.isdir(os.path.join(path, d, "params")))
+    if storage.isdir(storage.join(path, "checkpoints")):
+        path = storage.join(path, "checkpoints")
+    name = storage.basename(path)
+    if name.isdigit() and storage.isdir(storage.join(path, "params")):
+        return storage.dirname(path), int(name)
+    steps = sorted(int(d) for d in storage.listdir(path)
+                   if d.isdigit() and storage.isdir(storage.join(path, d, "params")))
     if not steps:
         raise CheckpointNotFoundError(
             f"{flag} {init_checkpoint!r} holds no complete checkpoint (no "
@@ -63,7 +63,7 @@ def resolve(init_checkpoint: str, flag: str = "INIT_CHECKPOINT") -> tuple[str, i
 def run_info(init_checkpoint: str, flag: str = "INIT_CHECKPOINT") -> dict | None:
     """The run.json next to a checkpoint (model config, vocab), if there is one."""
     directory, _ = resolve(init_checkpoint, flag)
-    for candidate in (os.path.dirname(directory), directory):
+    for candidate in (storage.dirname(directory), directory):
         info = read_run_info(candidate)
         if info is not None:
             return info

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from typing import Any
 
@@ -28,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from research import storage
 from research.checkpoints.errors import UnknownMetricError
 from research.data import bert_pretraining, causal_lm
 from research.errors import CheckpointSaveError, ConfigMismatchError
@@ -90,17 +89,15 @@ def remove_incomplete(directory: str) -> list[str]:
     """Deletes step directories a killed run left half-written (Orbax's `*.orbax-checkpoint-tmp*`
     names; complete steps are renamed to plain numbers only once fully written). Returns them."""
     removed = []
-    if not os.path.isdir(directory):
-        return removed
-    for name in sorted(os.listdir(directory)):
+    for name in storage.listdir(directory):
         if TMP_MARKER in name:
-            path = os.path.join(directory, name)
+            path = storage.join(directory, name)
             logging.warning("removing incomplete checkpoint %s (a save was interrupted; resuming "
                             "from the last complete step)", path)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
+            if storage.isdir(path):
+                storage.rmtree(path)
             else:
-                os.remove(path)
+                storage.remove(path)
             removed.append(name)
     return removed
 
@@ -112,7 +109,7 @@ class Checkpointer:
     """Saves every `save_every` steps (and when forced), keeps the last `keep`, async if asked."""
 
     def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.resolve(directory)
         self.save_every = max(1, int(save_every))
         self._in_flight: int | None = None  # step of an async save not yet known to be committed
         if jax.process_index() == 0:
@@ -174,18 +171,18 @@ class Checkpointer:
                 elif time.monotonic() - quiet_since > 0.5:
                     break
                 time.sleep(0.05)
-            final = os.path.join(self.directory, str(step))
-            if step is not None and os.path.isdir(final):  # renamed into place but its save did not finish
+            final = storage.join(self.directory, str(step))
+            if step is not None and storage.isdir(final):  # renamed into place but its save did not finish
                 logging.warning("removing checkpoint %s: its save failed", final)
-                shutil.rmtree(final, ignore_errors=True)
+                storage.rmtree(final)
         try:
             self.manager.reload()
         except Exception:  # noqa: BLE001 - the steps are read from disk below anyway
             pass
-        steps = sorted(int(n) for n in os.listdir(self.directory)
-                       if n.isdigit() and int(n) != step) if os.path.isdir(self.directory) else []
+        steps = sorted(int(n) for n in storage.listdir(self.directory)
+                       if n.isdigit() and int(n) != step)
         previous = (f"the previous checkpoint at step {steps[-1]} is intact "
-                    f"({os.path.join(self.directory, str(steps[-1]))})" if steps else
+                    f"({storage.join(self.directory, str(steps[-1]))})" if steps else
                     "there is no earlier checkpoint (a re-run starts from step 0)")
         chain, e = [], err
         while e is not None and e not in chain:
@@ -260,11 +257,11 @@ class BestCheckpoint:
     def __init__(self, directory: str, metric: str):
         self.mode = "min" if metric.startswith("min:") else "max"
         self.metric = metric.removeprefix("min:").removeprefix("max:")
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.resolve(directory)
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
             item_names=("params",))
-        self.record_path = os.path.join(self.directory, "best.json")
+        self.record_path = storage.join(self.directory, "best.json")
         self.record = read_json(self.record_path)
 
     def exists(self) -> bool:
@@ -313,7 +310,7 @@ def path_str(path: tuple) -> str:
 
 def params_dir(directory: str, step: int) -> str:
     """`directory/<step>/params`: one step's parameters in a checkpoints directory."""
-    return os.path.join(directory, str(step), "params")
+    return storage.join(directory, str(step), "params")
 
 
 def _params_metadata(directory: str, step: int) -> Any:
@@ -355,7 +352,7 @@ def save_params(directory: str, params: dict, step: int = 0) -> None:
     cpu = jax.devices("cpu")[0]
     tree = jax.tree.map(lambda x: jax.device_put(x, cpu), params)
     manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        storage.resolve(directory),
         options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
         item_names=("params",))
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(tree)), force=True)

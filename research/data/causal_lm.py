@@ -33,10 +33,16 @@ Pre-tokenised sources. An item that is already an array of token ids (a `tokens:
 research.data.tokens) is used as `toks` without tokenising; the source's tokenizer
 fingerprint must match the tokenizer's (else a ConfigError naming both). A `TokenSource` is
 packed a whole batch at a time by research.data.token_packing: the same batches and states.
+
+Tokenize workers. Text documents are read and tokenised ahead in worker processes
+(research.data.tokenize_pool; `tokenize_workers`, gin `tokenize_workers.workers`: an int, 0 for
+in-process, or 'auto'); this process still packs every row in order, so the batches and states
+are the same for any worker count.
 """
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Sequence
@@ -48,6 +54,7 @@ from research.data.batching import check_batch_layout, check_int
 from research.data.order import EpochOrder
 from research.data.sources import open_documents
 from research.data.token_packing import pack_batch
+from research.data.tokenize_pool import RowTokenFeed
 from research.data.tokens import TokenSource, check_tokenizer
 from research.errors import ConfigError
 
@@ -76,7 +83,7 @@ class CausalLMIterator:
     def __init__(self, source: Sequence[str], tokenizer: TokenizerLike, *, seq_len: int,
                  global_batch_size: int, seed: int, process_index: int = 0,
                  process_count: int = 1, repeat: bool = True, shuffle: bool | None = None,
-                 prefetch: int = 2):
+                 prefetch: int = 2, tokenize_workers: int | str | None = None):
         check_batch_layout(seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
                            process_index=process_index, process_count=process_count)
         check_int("prefetch", prefetch, 0)
@@ -109,11 +116,24 @@ class CausalLMIterator:
         self._k = np.zeros(per_host, dtype=np.int64)
         self._off = np.zeros(per_host, dtype=np.int64)
         self._pair_cache: list[tuple[int, np.ndarray, np.ndarray] | None] = [None] * per_host
+        # Text: each owned row's documents, tokenised (ahead, in workers if any) by the feed
+        # (given a function of (row, k), not a method: no reference cycle to this iterator).
+        self._feed = None if self._vectorised else RowTokenFeed(
+            source, tokenizer, per_host,
+            functools.partial(_row_document, self.order, self.rows, self.global_batch_size,
+                              self.repeat),
+            workers=tokenize_workers, seq_len=self.seq_len)
         # Consumer-side: state of the last yielded batch.
         self._yielded = (self._k.copy(), self._off.copy())
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
+
+    @property
+    def feed(self) -> RowTokenFeed | None:
+        """The tokenize feed of a text source (None for token-id sources): `feed.start(wait=
+        True)` starts its workers now; `feed.documents_from_workers` counts their documents."""
+        return self._feed
 
     # ----------------------------------------------------------------- document order
 
@@ -130,12 +150,9 @@ class CausalLMIterator:
         cached = self._pair_cache[i]
         if cached is not None and cached[0] == k:
             return cached[1], cached[2]
-        doc = self.document_index(int(self.rows[i]), k)
-        if doc is None:
+        toks = self._feed.tokens(i, k)  # the item's ids (an array item as is), or None
+        if toks is None:
             return None
-        item = self.source[doc]
-        toks = (item.astype(np.int32, copy=False) if isinstance(item, np.ndarray)
-                else np.asarray(self.tokenizer.encode(item), dtype=np.int32))
         inputs = np.concatenate([np.array([self.tokenizer.bos_id], np.int32), toks])
         targets = np.concatenate([toks, np.array([self.tokenizer.eos_id], np.int32)])
         self._pair_cache[i] = (k, inputs, targets)
@@ -152,6 +169,7 @@ class CausalLMIterator:
                 bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id,
                 pad_id=self.tokenizer.pad_id)
             return batch
+        self._feed.prepare(self._k)
         shape = (len(self.rows), self.seq_len)
         pad = self.tokenizer.pad_id
         inputs = np.full(shape, pad, np.int32)
@@ -240,8 +258,8 @@ class CausalLMIterator:
             out.put(e)
 
     def close(self) -> None:
-        """Stops the prefetch thread (if any). The iterator stays usable: the next
-        `__next__` restarts it from the last yielded batch's state."""
+        """Stops the prefetch thread and the tokenize workers (if any). The iterator stays
+        usable: the next `__next__` restarts them from the last yielded batch's state."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
@@ -249,11 +267,15 @@ class CausalLMIterator:
             self._queue = None
             # The producer ran ahead; rewind it to what has been yielded.
             self._restore_cursor(*self._yielded)
+        if self._feed is not None:
+            self._feed.close()
 
     def __del__(self):
         try:
             if self._thread is not None:
                 self._stop.set()
+            if self._feed is not None:
+                self._feed.close(wait=False)
         except Exception:
             pass
 
@@ -320,9 +342,18 @@ class CausalLMIterator:
         self._k = k.copy()
         self._off = off.copy()
         self._pair_cache = [None] * len(self.rows)
+        if self._feed is not None:
+            self._feed.reset()
 
 
 _LAYOUT_KEYS = ("process_index", "process_count")
+
+
+def _row_document(order: EpochOrder, rows: np.ndarray, global_batch_size: int, repeat: bool,
+                  i: int, k: int) -> int | None:
+    """`CausalLMIterator.document_index` of owned row i (rows[i]) and k."""
+    epoch, doc = order.locate(int(rows[i]) + k * global_batch_size)
+    return None if epoch > 0 and not repeat else doc
 
 
 def _covered_rows(state: dict[str, Any], global_batch_size: int) -> tuple[int, int]:
@@ -375,7 +406,8 @@ def make_causal_lm_iterator(source: Sequence[str], tokenizer: TokenizerLike, *,
                             seq_len: int, global_batch_size: int, seed: int,
                             process_index: int = 0, process_count: int = 1,
                             repeat: bool = True, shuffle: bool | None = None,
-                            prefetch: int = 2) -> CausalLMIterator:
+                            prefetch: int = 2,
+                            tokenize_workers: int | str | None = None) -> CausalLMIterator:
     """Packed causal-LM batches of shape [global_batch_size // process_count, seq_len].
 
     Args:
@@ -391,11 +423,16 @@ def make_causal_lm_iterator(source: Sequence[str], tokenizer: TokenizerLike, *,
       repeat: True (train): endless epochs. False (eval): one pass, then padding.
       shuffle: permute each epoch; default True when repeat, False otherwise.
       prefetch: batches packed ahead in a background thread (0: no thread).
+      tokenize_workers: processes reading and tokenising text documents ahead
+        (research.data.tokenize_pool): an int (0: in this process), 'auto', or None for the
+        gin setting `tokenize_workers.workers` (default 'auto'). The batches do not depend on
+        it. Unused for token-id sources.
     """
     return CausalLMIterator(source, tokenizer, seq_len=seq_len,
                             global_batch_size=global_batch_size, seed=seed,
                             process_index=process_index, process_count=process_count,
-                            repeat=repeat, shuffle=shuffle, prefetch=prefetch)
+                            repeat=repeat, shuffle=shuffle, prefetch=prefetch,
+                            tokenize_workers=tokenize_workers)
 
 
 _SOURCE_KWARGS = ("split", "text_field", "data_dir", "on_decode_error")

@@ -1,4 +1,8 @@
-"""Documents of one local file: plain text, JSON lines (optionally compressed) and parquet.
+"""Documents of one file: plain text, JSON lines (optionally compressed) and parquet.
+
+A file is a local path or an object-store URL (`gs://bucket/x.jsonl.gz`): every file is
+opened through `research.storage` and read as a stream (a URL is fetched in blocks, never
+downloaded whole first; parquet is read from the same stream with ranged reads).
 
 Each reader yields the file's documents in order, or None in place of a document skipped for
 invalid UTF-8 (on_decode_error='skip'); `research.data.local_builder` builds them into a
@@ -27,6 +31,7 @@ import lzma
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from research import storage
 from research.errors import ConfigError
 
 # Suffix -> how to open the file as a decompressed binary stream.
@@ -62,7 +67,7 @@ def _zstd_reader(f: BinaryIO) -> BinaryIO:
 def open_decompressed(path: str) -> Iterator[BinaryIO]:
     """`path` opened for binary reading, decompressed according to its suffix."""
     suffix = compression_of(path)
-    with open(path, "rb") as raw:
+    with storage.open_file(path, "rb") as raw:
         if suffix == ".gz":
             f = gzip.GzipFile(fileobj=raw)
         elif suffix == ".bz2":
@@ -89,8 +94,10 @@ def _reading(path: str):
             "is truncated or corrupt, or narrow the glob so that it excludes it.") from e
     except DataSourceError:
         raise
-    except Exception as e:  # zstandard.ZstdError and pyarrow errors share no base class
-        if type(e).__module__.split(".")[0] not in ("zstandard", "pyarrow"):
+    except Exception as e:  # zstandard.ZstdError, pyarrow and object-store (gcsfs, aiohttp)
+        # errors share no base class
+        if type(e).__module__.split(".")[0] not in ("zstandard", "pyarrow", "gcsfs", "aiohttp",
+                                                    "fsspec"):
             raise
         raise DataSourceError(
             f"Cannot read input file {path!r}: {type(e).__name__}: {e}. Re-create it if it "
@@ -100,7 +107,7 @@ def _reading(path: str):
 def check_readable(path: str) -> None:
     """Raises DataSourceError naming `path` if it cannot be opened for reading."""
     try:
-        with open(path, "rb") as f:
+        with storage.open_file(path, "rb") as f:
             f.read(1)
     except OSError as e:
         raise DataSourceError(
@@ -239,8 +246,10 @@ def iter_parquet_file(path: str, text_field: str = "text",
     """Yields column `text_field` of every row of a parquet file, in row order (None for a
     binary value skipped for invalid UTF-8). Reads one batch of rows at a time."""
     import pyarrow.parquet as pq
-    with _reading(path):
-        parquet_file = pq.ParquetFile(path)
+    with _reading(path), contextlib.ExitStack() as stack:
+        source = (stack.enter_context(storage.open_file(path, "rb")) if storage.is_remote(path)
+                  else path)
+        parquet_file = pq.ParquetFile(source)
         _parquet_text_column(parquet_file, path, text_field)
         row = 0
         for batch in parquet_file.iter_batches(batch_size=_PARQUET_BATCH_ROWS,

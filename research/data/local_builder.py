@@ -1,4 +1,7 @@
-"""Local text / JSON-lines / parquet files turned into a cached, random-access TFDS dataset.
+"""Text / JSON-lines / parquet files turned into a cached, random-access TFDS dataset.
+
+The files may be local or on object storage (`gs://...` URLs, read through
+`research.storage`); the cache is always under the local DATA_DIR.
 
 `LocalCorpus` names the files (and how to parse them); `prepare_local_dataset` builds them
 once into an `array_record` TFDS dataset with one feature `text` and one split `train`,
@@ -37,6 +40,7 @@ from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
+from research import storage
 from research.data.file_readers import (DataSourceError, check_readable, compression_of,
                                         iter_jsonl_file, iter_parquet_file, iter_text_file)
 
@@ -51,11 +55,11 @@ DECODE_ERROR_MODES = ("strict", "skip")
 
 @dataclasses.dataclass(frozen=True)
 class LocalCorpus:
-    """A set of local files and how to parse them into documents.
+    """A set of files and how to parse them into documents.
 
     Attributes:
       fmt: 'text', 'jsonl' or 'parquet'.
-      paths: sorted absolute file paths (text and jsonl files may be compressed).
+      paths: sorted absolute file paths or URLs (text and jsonl files may be compressed).
       text_field: the JSON field (jsonl) or column (parquet) holding the document.
       on_decode_error: 'strict' (raise on invalid UTF-8) or 'skip'.
     """
@@ -80,11 +84,9 @@ class LocalCorpus:
         """
         entries = []
         for path in self.paths:
-            check_readable(path)
-            st = os.stat(path)
+            size, mtime_ns = _size_and_mtime(path)
             compression = compression_of(path) if self.fmt != "parquet" else None
-            entries.append([path, st.st_size, st.st_mtime_ns]
-                           + ([compression] if compression else []))
+            entries.append([path, size, mtime_ns] + ([compression] if compression else []))
         key = [CACHE_FORMAT_VERSION, self.fmt,
                self.text_field if self.fmt in FIELD_FORMATS else None,
                self.on_decode_error, entries]
@@ -108,6 +110,21 @@ class LocalCorpus:
         if skipped:
             log.warning("Skipped %d document(s) with invalid UTF-8 (on_decode_error='skip').",
                         skipped)
+
+
+def _size_and_mtime(path: str) -> tuple[int, int]:
+    """(bytes, last-write time in ns) of a readable local file (os.stat) or of an object (its
+    metadata only: no data is fetched). DataSourceError if it cannot be read."""
+    if not storage.is_remote(path):
+        check_readable(path)
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    try:
+        return storage.getsize(path), int(round(storage.getmtime(path) * 1e9))
+    except OSError as e:
+        raise DataSourceError(
+            f"Cannot read input object {path!r}: {e}. Check it still exists and that this "
+            "machine may read it, or narrow the glob so that it excludes it.") from e
 
 
 class _EmptyCorpus(Exception):

@@ -13,7 +13,8 @@ Local files (`text:` / `jsonl:` / `parquet:`) are built once into an `array_reco
 dataset cached under `data_dir` (default: `$RESEARCH_DATA_DIR`, else
 `~/.cache/research/tfds`), keyed by the files' paths, sizes and mtimes (see
 `research.data.local_builder`). Globs are relative to the current directory; `**` matches
-any number of directories.
+any number of directories. The files may be on object storage: `jsonl:gs://bkt/data/*.jsonl.gz`
+(any scheme `research.storage` supports); they are streamed once into the local cache.
 
 `tfds:` datasets are never downloaded here: they must already be prepared in `data_dir`
 (default: TFDS's own, `$TFDS_DATA_DIR` or `~/tensorflow_datasets`). Datasets prepared in
@@ -37,6 +38,7 @@ from typing import Any
 import gin
 import tensorflow_datasets as tfds
 
+from research import storage
 from research.data.local_builder import (DECODE_ERROR_MODES, DataSourceError, LocalCorpus,
                                          prepare_local_dataset, quiet_tfds)
 
@@ -162,7 +164,8 @@ def open_documents(spec: str, *, split: str | None = None, text_field: str = "te
     """Opens the documents named by `spec` as a random-access `DocumentSource`.
 
     Args:
-      spec: 'text:GLOB', 'jsonl:GLOB', 'parquet:GLOB',
+      spec: 'text:GLOB', 'jsonl:GLOB', 'parquet:GLOB' (a GLOB may be a URL such as
+        'gs://bkt/c4/**/*.jsonl.gz'),
         'tfds:NAME[/CONFIG][:VERSION][:SPLIT]' or 'tokens:DIR' (documents pre-tokenised by
         tools/pretokenize.py; items are int token-id arrays, a `research.data.tokens.TokenSource`). Text and jsonl files named *.gz, *.bz2, *.xz,
         *.zst or *.zstd are decompressed.
@@ -210,7 +213,16 @@ def open_documents(spec: str, *, split: str | None = None, text_field: str = "te
 
 
 def expand_glob(pattern: str, prefix: str = "text") -> tuple[str, ...]:
-    """Sorted absolute paths of the non-directory entries matching `pattern` (`**` ok)."""
+    """Sorted absolute paths (or full URLs, for `gs://...` patterns) of the non-directory
+    entries matching `pattern` (`**` ok)."""
+    if storage.is_remote(pattern):
+        matches = tuple(storage.glob(pattern))  # StorageError for a missing bucket
+        if not matches:
+            raise DataSourceError(
+                f"{prefix}:{pattern} matches no object. Check the bucket and prefix (e.g. "
+                f"`gcloud storage ls {_fixed_prefix(pattern)}`), and use '**' to match objects "
+                "under deeper prefixes.")
+        return matches
     pattern = os.path.expanduser(pattern)
     matches = [p for p in glob.glob(pattern, recursive=True) if not os.path.isdir(p)]
     if not matches:
@@ -219,6 +231,15 @@ def expand_glob(pattern: str, prefix: str = "text") -> tuple[str, ...]:
             "the path, quote the spec so the shell does not expand it, and use '**' to match "
             "files in subdirectories.")
     return tuple(sorted(os.path.abspath(p) for p in matches))
+
+
+def _fixed_prefix(pattern: str) -> str:
+    """The part of a URL pattern before its first wildcard, cut at a '/' ('gs://b/d/' for
+    'gs://b/d/**/*.gz')."""
+    wildcard = re.search(r"[*?\[]", pattern)
+    if not wildcard:
+        return storage.dirname(pattern) + "/"
+    return pattern[:wildcard.start()].rsplit("/", 1)[0] + "/"
 
 
 def tfds_data_source(builder, split: str, build_name: str, label: str):

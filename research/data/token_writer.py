@@ -7,6 +7,10 @@ ids; the parent writes them in document order, starting a new shard file once a 
 `shard_tokens` tokens (at the next document boundary). Shard boundaries therefore depend only
 on the documents, never on the worker count or chunk size: the output is byte-identical for
 any `workers`.
+
+The output may be an object-store URL (`--output=gs://bkt/corpus`, through `research.storage`):
+each shard is written to a local temporary directory, uploaded once closed and deleted, so
+local disk holds at most one shard; offsets.npy follows and tokens.json is written last.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import functools
 import itertools
 import multiprocessing
 import os
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from research import storage
 from research.data import tokens as tokens_lib
 from research.data.sources import open_documents
 from research.data.tokenizer import load_tokenizer
@@ -73,10 +79,13 @@ def _chunk_results(spec: str, source_kwargs: dict[str, Any], vocab: str,
 
 class _ShardWriter:
     """Appends documents' tokens to DIR/tokens-NNNNN.bin, a new shard once one holds
-    `shard_tokens` tokens; records each shard's first document and counts."""
+    `shard_tokens` tokens; records each shard's first document and counts. `on_closed(name)`
+    is called with each shard's file name once it is complete (e.g. to upload it)."""
 
-    def __init__(self, path: str, dtype: str, shard_tokens: int):
+    def __init__(self, path: str, dtype: str, shard_tokens: int,
+                 on_closed: Callable[[str], None] | None = None):
         self.path, self.shard_tokens = path, shard_tokens
+        self.on_closed = on_closed
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.shards: list[dict[str, Any]] = []
         self.lengths: list[np.ndarray] = []
@@ -84,9 +93,14 @@ class _ShardWriter:
         self._file = None
         self._new_shard()
 
+    def _close_shard(self) -> None:
+        self._file.close()
+        if self.on_closed is not None:
+            self.on_closed(self.shards[-1]["file"])
+
     def _new_shard(self) -> None:
         if self._file is not None:
-            self._file.close()
+            self._close_shard()
         name = tokens_lib.shard_file(len(self.shards))
         self.shards.append({"file": name, "first_document": self.num_documents,
                             "num_documents": 0, "num_tokens": 0})
@@ -112,7 +126,7 @@ class _ShardWriter:
 
     def close(self) -> np.ndarray:
         """Closes the last shard; returns the int64[N + 1] document offsets."""
-        self._file.close()
+        self._close_shard()
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
         offsets = np.zeros(len(lengths) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -120,7 +134,14 @@ class _ShardWriter:
 
 
 def check_output(output: str) -> None:
-    """ConfigError unless --output is a new or empty directory we can create/write."""
+    """ConfigError unless --output (a local directory or a URL prefix) is new or empty."""
+    if storage.is_remote(output):
+        if storage.isfile(output):
+            raise ConfigError(f"--output={output} is an object; pick a prefix (a directory).")
+        if storage.listdir(output):
+            raise ConfigError(f"--output={output} is not empty; tools/pretokenize.py never "
+                              "overwrites. Pick a new prefix, or delete this one first.")
+        return
     if os.path.isdir(output) and os.listdir(output):
         raise ConfigError(f"--output={output} is not empty; tools/pretokenize.py never "
                           "overwrites. Pick a new directory, or empty this one first.")
@@ -137,7 +158,8 @@ def write_token_files(spec: str, vocab: str, output: str, *, workers: int = 1,
 
     Args:
       spec: any `open_documents` spec (not `tokens:`).
-      vocab: SentencePiece .model or WordPiece vocab.txt.
+      vocab: SentencePiece .model or WordPiece vocab.txt (local or a URL).
+      output: a local directory or a URL prefix (gs://bkt/corpus; see the module docstring).
       workers: tokenising processes (1: this process).
       source_kwargs: extra `open_documents` arguments (text_field, split, ...).
       chunk_documents: documents per work item.
@@ -165,19 +187,37 @@ def write_token_files(spec: str, vocab: str, output: str, *, workers: int = 1,
     n = len(source)
     dtype = tokens_lib.token_dtype(tokenizer.vocab_size)
     chunks = [(lo, min(lo + chunk_documents, n)) for lo in range(0, n, chunk_documents)]
-    os.makedirs(output, exist_ok=True)
-    writer = _ShardWriter(output, dtype, shard_tokens)
-    with _chunk_results(spec, source_kwargs, vocab, chunks, workers, dtype) as results:
-        for lengths, flat in tqdm(results, total=len(chunks), unit="chunk", disable=not progress,
-                                  desc="pretokenize"):
-            writer.add(lengths, flat)
-    offsets = writer.close()
-    np.save(os.path.join(output, tokens_lib.INDEX_FILE), offsets)
+    with _staging(output) as (local, on_closed):
+        writer = _ShardWriter(local, dtype, shard_tokens, on_closed)
+        with _chunk_results(spec, source_kwargs, vocab, chunks, workers, dtype) as results:
+            for lengths, flat in tqdm(results, total=len(chunks), unit="chunk",
+                                      disable=not progress, desc="pretokenize"):
+                writer.add(lengths, flat)
+        offsets = writer.close()
+        np.save(os.path.join(local, tokens_lib.INDEX_FILE), offsets)
+        if on_closed is not None:
+            on_closed(tokens_lib.INDEX_FILE)
     meta = {"format": tokens_lib.FORMAT, "version": tokens_lib.VERSION, "dtype": dtype,
             "num_documents": n, "num_tokens": int(offsets[-1]), "source": spec,
             "tokenizer": {"fingerprint": tokens_lib.tokenizer_fingerprint(tokenizer),
-                          "vocab": os.path.abspath(vocab), "kind": type(tokenizer).__name__,
+                          "vocab": storage.resolve(vocab), "kind": type(tokenizer).__name__,
                           "vocab_size": int(tokenizer.vocab_size)},
             "shards": writer.shards}
     tokens_lib.write_metadata(output, meta)
     return {**meta, "seconds": time.perf_counter() - start}
+
+
+@contextlib.contextmanager
+def _staging(output: str) -> Iterator[tuple[str, Callable[[str], None] | None]]:
+    """(local directory the files are written to, callback that publishes one of them): the
+    output itself and no callback for a local output; for a URL a temporary directory and a
+    callback that uploads the named file to the output and deletes it locally."""
+    if not storage.is_remote(output):
+        os.makedirs(output, exist_ok=True)
+        yield output, None
+        return
+    with tempfile.TemporaryDirectory(prefix="pretokenize-") as local:
+        def publish(name: str) -> None:
+            storage.upload(os.path.join(local, name), storage.join(output, name))
+            os.remove(os.path.join(local, name))
+        yield local, publish

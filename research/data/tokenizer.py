@@ -17,6 +17,7 @@ import os
 import numpy as np
 import sentencepiece as spm
 
+from research import storage
 from research.data.tokenizer_base import SpecialPieces, VocabError, check_vocab_path
 from research.data.wordpiece import WordPieceTokenizer
 
@@ -31,13 +32,17 @@ HOW_TO_TRAIN = ("Train one with `python tools/train_tokenizer.py --input=SPEC --
 
 
 class Tokenizer(SpecialPieces):
-    """A loaded SentencePiece model and the ids of its special pieces."""
+    """A loaded SentencePiece model (a local path or a URL such as gs://bkt/spm.model) and the
+    ids of its special pieces."""
 
     def __init__(self, model_path: str):
         check_vocab_path(model_path, HOW_TO_TRAIN)
         self.path = model_path
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+            if storage.is_remote(model_path):  # SentencePiece opens only local files
+                self.sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(model_path))
+            else:
+                self.sp = spm.SentencePieceProcessor(model_file=model_path)
         except (RuntimeError, OSError) as err:  # "could not parse ModelProto"
             raise VocabError(f"VOCAB {model_path!r} is not a SentencePiece model ({err}). "
                              f"{HOW_TO_TRAIN}") from err

@@ -1,6 +1,9 @@
 """What both tokenizers share (SentencePiece in tokenizer.py, BERT WordPiece in wordpiece.py):
 the special ids, decoding without them, and the errors for a VOCAB they cannot use.
 
+VOCAB may be a local path or an object-store URL (`gs://bkt/tok/spm.model`, read through
+`research.storage`); the tokenizer's `path` stays the URL (it is recorded in run.json).
+
 Both errors are `research.errors.ConfigError`s, so the CLIs end with one `error:` line (exit
 code 2) naming the VOCAB and the fix.
 """
@@ -8,11 +11,11 @@ code 2) naming the VOCAB and the fix.
 from __future__ import annotations
 
 import abc
-import os
 from typing import Iterable
 
 import numpy as np
 
+from research import storage
 from research.errors import ConfigError
 
 
@@ -58,9 +61,10 @@ class SpecialPieces(abc.ABC):
 
 
 def check_vocab_path(path: str, fix: str) -> None:
-    """VocabNotFoundError unless `path` is an existing file; `fix` says where a VOCAB of the
-    expected kind comes from."""
-    if not os.path.exists(path):
+    """VocabNotFoundError unless `path` (local or a URL) is an existing file; `fix` says where
+    a VOCAB of the expected kind comes from. StorageError for a URL whose bucket is missing."""
+    if not storage.exists(path):
+        storage.check_bucket(path)  # a StorageError (one `error:` line) for a missing bucket
         raise VocabNotFoundError(f"VOCAB {path!r} does not exist. {fix}")
-    if os.path.isdir(path):
+    if storage.isdir(path):
         raise VocabError(f"VOCAB {path!r} is a directory, not a tokenizer file. {fix}")

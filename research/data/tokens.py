@@ -16,6 +16,12 @@ or decompression, and the causal-LM packer gathers a whole batch's tokens with o
 index into the mapping (research.data.token_packing). A host touches only the pages of the
 documents its rows read; the index (8 bytes per document) is read whole.
 
+DIR may be an object-store URL (`tokens:gs://bkt/corpus`, through `research.storage`): the
+shards are then not mapped but read with ranged reads of exactly the tokens a lookup needs
+(positions of one lookup closer than `RemoteShard.MERGE_GAP` tokens share one read, and the
+reads of one lookup run concurrently), so each host still fetches only its own rows' tokens;
+the index and tokens.json are read whole.
+
 `open_token_source(DIR)` returns a `TokenSource`: `len(src)`, `src[d]` -> int32[len_d] token
 ids (no BOS/EOS), `.name`, `.tokenizer_fingerprint`. The causal-LM iterator uses such items
 as they are (no tokenisation) and refuses a VOCAB whose fingerprint differs.
@@ -28,6 +34,7 @@ give the same ids for every text.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -35,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from research import storage
 from research.errors import ConfigError
 
 METADATA_FILE = "tokens.json"
@@ -63,12 +71,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str | None:
     """'sha256:HEX' of the tokenizer's kind, model/vocab file bytes and lowercasing; None when
     the tokenizer names no file (`.path`), e.g. a test tokenizer."""
     path = getattr(tokenizer, "path", None)
-    if not path or not os.path.isfile(path):
+    if not path or not storage.isfile(path):
         return None
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())
-    with open(path, "rb") as f:
-        h.update(f.read())
+    h.update(storage.read_bytes(path))  # a local file and its copy at a URL: the same hash
     if hasattr(tokenizer, "lowercase"):
         h.update(f"lowercase={bool(tokenizer.lowercase)}".encode())
     return "sha256:" + h.hexdigest()
@@ -103,12 +110,13 @@ class TokenSource(Sequence):
                                      np.int64)
         self._shards = [self._map(s) for s in shards]
 
-    def _map(self, shard: dict[str, Any]) -> np.ndarray:
-        """The shard's tokens as a read-only array backed by a memory map."""
-        file = os.path.join(self.path, shard["file"])
+    def _map(self, shard: dict[str, Any]) -> np.ndarray | RemoteShard:
+        """The shard's tokens as a read-only array backed by a memory map (a `RemoteShard`
+        for a URL)."""
+        file = storage.join(self.path, shard["file"])
         count = int(shard["num_tokens"])
         try:
-            size = os.path.getsize(file)
+            size = storage.getsize(file)
         except OSError as err:
             raise TokenFilesError(f"tokens:{self.path} is incomplete: cannot read {file} "
                                   f"({err.strerror or err}). Re-run tools/pretokenize.py into "
@@ -119,6 +127,8 @@ class TokenSource(Sequence):
                                   "tools/pretokenize.py into an empty --output.")
         if count == 0:
             return np.zeros(0, self.dtype)
+        if storage.is_remote(file):
+            return RemoteShard(file, self.dtype, count)
         return np.asarray(np.memmap(file, dtype=self.dtype, mode="r", shape=(count,)))
 
     def __len__(self) -> int:
@@ -162,12 +172,72 @@ class TokenSource(Sequence):
         return f"<TokenSource {self.name}: {len(self)} documents, {self.num_tokens} tokens>"
 
 
+class RemoteShard:
+    """A token shard on object storage, indexed like the memory-mapped array it stands for:
+    `shard[a:b]` and `shard[int64 array]` return the same dtype values, fetching only the
+    bytes they need with ranged reads (one read per run of positions less than `MERGE_GAP`
+    tokens apart; a lookup's reads run concurrently)."""
+
+    MERGE_GAP = 2048  # tokens: reading a few KiB more beats another request
+
+    def __init__(self, url: str, dtype: np.dtype, count: int):
+        self.url, self.dtype, self.count = url, np.dtype(dtype), int(count)
+        self.shape = (self.count,)
+        self._fs, self._path = storage.filesystem(url)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read_ranges(self, starts: np.ndarray, ends: np.ndarray) -> list[np.ndarray]:
+        """The tokens [starts[i], ends[i]) for each i (0 <= start < end <= count)."""
+        size = self.dtype.itemsize
+        with storage.errors(self.url, "read"):
+            blobs = self._fs.cat_ranges([self._path] * len(starts),
+                                        [int(a) * size for a in starts],
+                                        [int(b) * size for b in ends], on_error="raise")
+        out = []
+        for blob, a, b in zip(blobs, starts, ends):
+            if len(blob) != (int(b) - int(a)) * size:
+                raise TokenFilesError(
+                    f"{self.url}: read {len(blob)} bytes at token {int(a)}, expected "
+                    f"{(int(b) - int(a)) * size}; the shard changed or is truncated. Re-run "
+                    "tools/pretokenize.py into an empty --output.")
+            out.append(np.frombuffer(blob, self.dtype))
+        return out
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.count)
+            if step != 1:
+                raise IndexError(f"{self.url}: only contiguous slices are supported")
+            if stop <= start:
+                return np.zeros(0, self.dtype)
+            return self.read_ranges(np.array([start]), np.array([stop]))[0]
+        idx = np.asarray(key, dtype=np.int64)
+        if idx.size == 0:
+            return np.zeros(idx.shape, self.dtype)
+        if idx.min() < 0 or idx.max() >= self.count:
+            raise IndexError(f"token position out of range for {self.url} ({self.count} tokens)")
+        positions = np.unique(idx)
+        breaks = np.flatnonzero(np.diff(positions) > self.MERGE_GAP) + 1
+        starts = positions[np.r_[0, breaks]]
+        ends = positions[np.r_[breaks - 1, len(positions) - 1]] + 1
+        data = np.concatenate(self.read_ranges(starts, ends))
+        base = np.concatenate([[0], np.cumsum(ends - starts)[:-1]])
+        run = np.searchsorted(starts, idx, side="right") - 1
+        return data[base[run] + idx - starts[run]]
+
+
 def open_token_source(path: str) -> TokenSource:
-    """The pre-tokenised corpus in DIR `path` (written by tools/pretokenize.py).
+    """The pre-tokenised corpus in DIR `path` (written by tools/pretokenize.py; a local path or
+    a URL such as gs://bkt/corpus).
 
     Raises:
       TokenFilesError: DIR missing, incomplete or not written by tools/pretokenize.py.
+      StorageError: a URL whose bucket does not exist or cannot be read.
     """
+    if storage.is_remote(path):
+        return TokenSource(storage.resolve(path))
     return TokenSource(os.path.expanduser(path))
 
 
@@ -197,13 +267,13 @@ def check_tokenizer(source: Any, tokenizer: Any) -> None:
 
 
 def _read_metadata(path: str) -> dict[str, Any]:
-    file = os.path.join(path, METADATA_FILE)
-    if not os.path.isdir(path):
+    file = storage.join(path, METADATA_FILE)
+    if not storage.isdir(path):
+        storage.check_bucket(path)
         raise TokenFilesError(f"tokens:{path} is not a directory. Write one with `python "
                               "tools/pretokenize.py --input=SPEC --vocab=PATH --output=DIR`.")
     try:
-        with open(file, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(storage.read_text(file))
     except FileNotFoundError:
         raise TokenFilesError(f"tokens:{path} has no {METADATA_FILE}: it is not a (complete) "
                               "pre-tokenised corpus. Re-run tools/pretokenize.py into an empty "
@@ -221,9 +291,10 @@ def _read_metadata(path: str) -> dict[str, Any]:
 
 
 def _read_index(path: str, num_documents: int, num_tokens: int) -> np.ndarray:
-    file = os.path.join(path, INDEX_FILE)
+    file = storage.join(path, INDEX_FILE)
     try:
-        offsets = np.load(file, allow_pickle=False)
+        offsets = np.load(io.BytesIO(storage.read_bytes(file)) if storage.is_remote(file)
+                          else file, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise TokenFilesError(f"tokens:{path}: cannot read {file} ({err}). Re-run "
                               "tools/pretokenize.py into an empty --output.") from None
@@ -236,10 +307,8 @@ def _read_index(path: str, num_documents: int, num_tokens: int) -> np.ndarray:
 
 
 def write_metadata(path: str, meta: dict[str, Any]) -> None:
-    """Writes DIR/tokens.json (last, so a DIR with it is complete)."""
-    tmp = os.path.join(path, METADATA_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(path, METADATA_FILE))
+    """Writes DIR/tokens.json atomically (last, so a DIR with it is complete); DIR may be a
+    URL."""
+    storage.write_text(storage.join(path, METADATA_FILE),
+                       json.dumps(meta, indent=1, sort_keys=True) + "\n")
 

@@ -14,6 +14,9 @@ As with the SentencePiece tokenizer, special pieces are never produced by encodi
 string "[MASK]" in a corpus gives the pieces `[`, `mask`, `]`. This is the one deliberate
 difference from Hugging Face's `BertTokenizerFast`, which maps such strings to special ids.
 
+vocab.txt may be a local path or a URL (`gs://bkt/bert/vocab.txt`, read through
+`research.storage`), with its tokenizer_config.json beside it.
+
 Lowercasing: the `lowercase` argument; by default `do_lower_case` (and `strip_accents`,
 `tokenize_chinese_chars`) from the `tokenizer_config.json` next to vocab.txt (the Hugging
 Face checkpoint's), else uncased (lowercase, strip accents) as `bert-base-uncased`.
@@ -24,14 +27,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from typing import Any
 
 import numpy as np
 from tokenizers import BertWordPieceTokenizer
 from tokenizers.models import WordPiece
 
+from research import storage
 from research.data.tokenizer_base import SpecialPieces, VocabError, check_vocab_path
+from research.storage import StorageError
 
 PAD_PIECE, UNK_PIECE, CLS_PIECE = "[PAD]", "[UNK]", "[CLS]"
 SEP_PIECE, MASK_PIECE = "[SEP]", "[MASK]"
@@ -44,11 +48,10 @@ WHERE_FROM = ("A WordPiece VOCAB is the vocab.txt of a BERT checkpoint "
 def hf_tokenizer_options(vocab_path: str) -> dict[str, Any]:
     """Normaliser options from the `tokenizer_config.json` next to `vocab_path` ({} if none):
     keys among lowercase, strip_accents, handle_chinese_chars."""
-    path = os.path.join(os.path.dirname(os.path.abspath(vocab_path)), TOKENIZER_CONFIG)
-    if not os.path.exists(path):
+    path = storage.join(storage.dirname(vocab_path), TOKENIZER_CONFIG)
+    if not storage.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = json.loads(storage.read_text(path))
     names = {"do_lower_case": "lowercase", "strip_accents": "strip_accents",
              "tokenize_chinese_chars": "handle_chinese_chars"}
     return {ours: config[theirs] for theirs, ours in names.items()
@@ -75,7 +78,10 @@ class WordPieceTokenizer(SpecialPieces):
         check_vocab_path(vocab_path, WHERE_FROM)
         self.path = vocab_path
         try:
-            vocab = WordPiece.read_file(vocab_path)
+            with storage.local_copy(vocab_path) as local:  # the Rust reader opens local files
+                vocab = WordPiece.read_file(local)
+        except StorageError:
+            raise
         except Exception as err:  # noqa: BLE001 - the Rust reader raises a plain Exception
             raise VocabError(f"VOCAB {vocab_path!r} is not a WordPiece vocab.txt (one piece "
                              f"per line) ({err}). {WHERE_FROM}") from err

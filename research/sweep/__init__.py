@@ -8,7 +8,9 @@ Running it:
 * `launchers`: how a trial runs: `local` subprocess, every worker of a Cloud TPU VM slice
   (`tpu-vm`), or a SLURM batch job (`slurm`).
 * `runner`: runs/resumes trials and keeps ROOT/sweep.json; `trial_state`: ROOT/<trial>/trial.json
-  and what a trial's files say about its status; `status`: the `status` subcommand.
+  and what a trial's files say about its status; `trial_log`: train.log (staged locally and
+  copied up when ROOT is on object storage); `status`: the `status` subcommand.
+ROOT may be local or `gs://...`: every file goes through research/storage.py.
 Reading the results (`collect`):
 * `results`: reads the trials' files; `tables`: per-trial and seed-mean tables (pandas);
   `report`: Markdown/CSV text; `plots`: loss curves and the two-axis heatmap.

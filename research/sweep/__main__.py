@@ -9,6 +9,9 @@
            reason (hang, input error, signal), time, step.
   collect  gather the trials' metrics into tables (python -m research.sweep collect --help).
 
+ROOT may be a local directory or on object storage (--root=gs://bucket/sweeps/lr): the trials
+then train with --workdir=gs://bucket/sweeps/lr/<trial>, and status and collect read it there.
+
 Sweep file example (gin syntax; `sweeps/lr.gin`):
 
   sweep.gin_files = ['configs/models/gpt_tiny.gin', 'configs/runs/pretrain_causal.gin']
@@ -35,7 +38,7 @@ from research import cli
 from research.config import split_gin_bindings
 from research.sweep import collect
 from research.sweep.cli_axes import apply_cli
-from research.sweep.launchers import make_launcher
+from research.sweep.launchers import make_launcher, record_exit
 from research.sweep.runner import Runner
 from research.sweep.spec import SweepSpec
 from research.sweep.status import print_status
@@ -54,7 +57,11 @@ with a '.' or in UPPERCASE goes to research.train as --gin.NAME=VALUE; `gin_file
 pins a file axis NAME to V, and --grid/--zip/--random on a name the file fixes sweep it.
 
 Files: ROOT/sweep.json, and per trial ROOT/<trial>/ (research.train's --workdir) with
-trial.json, train.log, and final.json once finished. Exit code 0 when every trial is done (or
+trial.json, train.log, and final.json once finished. ROOT may be on object storage
+(--root=gs://bucket/sweep): trials train into gs://, the sweep's lock is a lease object there
+(a second `run` is refused until its heartbeat is a minute old), and train.log is written to a
+local copy under ~/.cache/research/sweep that is uploaded every 30 s and when the trial ends;
+with --launcher=slurm the job uploads it (and its exit code) when it ends. Exit code 0 when every trial is done (or
 in flight on SLURM), 1 when any failed or is unfinished, 128+N when stopped by signal N
 (Ctrl-C: running trials save a checkpoint and stop; the same command resumes them)."""
 
@@ -63,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI: run, status and collect subcommands."""
     parser = cli.ArgumentParser(prog="python -m research.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{run,status,collect}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,status,collect,record}")
     run = sub.add_parser("run", help="run (or resume) a sweep", description=RUN_HELP,
                          allow_abbrev=False,
                          usage="python -m research.sweep run [SWEEP_FILE] --root=DIR "
@@ -100,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GPUs per trial: concurrent trials get disjoint CUDA_VISIBLE_DEVICES "
                             "slices (needs parallel x K GPUs)")
     local.add_argument("--train_module", default="research.train", help=argparse.SUPPRESS)
-    tpu = run.add_argument_group("tpu-vm launcher (ROOT on a filesystem all workers share)")
+    tpu = run.add_argument_group("tpu-vm launcher (ROOT on a filesystem all workers share, or gs://)")
     tpu.add_argument("--tpu_name", help="Cloud TPU VM name (required)")
     tpu.add_argument("--zone", help="its zone (required)")
     tpu.add_argument("--project", help="its project (default: gcloud's)")
@@ -125,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("root", help="the sweep's --root")
     sub.add_parser("collect", help="gather results into tables (see collect --help)",
                    add_help=False)
+    record = sub.add_parser("record", help="(run by the SLURM jobs of a gs:// sweep) store a "
+                                           "job's exit code, run time and log",
+                            description="Run by a SLURM job of a sweep whose ROOT is on object "
+                                        "storage: copies the job's log to TRIAL_DIR/train.log and "
+                                        "writes elapsed_s and returncode there.")
+    record.add_argument("trial_dir", help="ROOT/<trial> (gs://...)")
+    record.add_argument("--returncode", type=int, required=True, help="the trainer's exit code")
+    record.add_argument("--elapsed_s", type=float, default=0.0, help="the job's run time")
+    record.add_argument("--log", default=None, help="the job's local output file")
     return parser
 
 
@@ -153,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "status":
         return print_status(args.root)
+    if args.command == "record":
+        record_exit(args.trial_dir, args.returncode, args.elapsed_s, args.log)
+        return 0
     build_parser().print_help()
     return 2
 

@@ -3,10 +3,12 @@
   python -m research.sweep collect ROOT [--metrics=eval/accuracy,eval/loss]
       [--seed_axes=SEED] [--out=DIR] [--sort=COLUMN] [--grid_metric=NAME]
 
-ROOT is the `--root` of `python -m research.sweep run`. The trials are the ones ROOT/sweep.json
-lists (its axis order and seed axes are used); without sweep.json, every subdirectory holding
-trial.json, metrics.jsonl or final.json is a trial (a plain `research.train` workdir gets a row
-named by its directory), and ROOT itself is the one trial when it is such a workdir.
+ROOT is the `--root` of `python -m research.sweep run`, local or on object storage (gs://...),
+and so may --out be (plots are drawn to a temporary file, then uploaded). The trials are the
+ones ROOT/sweep.json lists (its axis order and seed axes are used); without sweep.json, every
+subdirectory holding trial.json, metrics.jsonl or final.json is a trial (a plain
+`research.train` workdir gets a row named by its directory), and ROOT itself is the one trial
+when it is such a workdir.
 
 Writes, under --out (default ROOT):
   results.md           per-trial table, then means over the seed axes, as Markdown (also printed)
@@ -42,9 +44,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+import tempfile
+from typing import Callable, Sequence
 
-from research import cli
+from research import cli, storage
 from research.sweep.plots import grid_metric, heatmap_grid, plot_grid, plot_loss_curves
 from research.sweep.report import render_csv, render_markdown
 from research.sweep.results import load_sweep
@@ -85,22 +88,37 @@ def collect_files(root: str, *, metrics: Sequence[str] | None = None,
     if missing:
         print(f"collect: no trial has {', '.join(missing)}", file=sys.stderr)
     out = out or root
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out)
     markdown = render_markdown(sweep, table, summary, grid)
     files = {"results.md": markdown,
              "results.csv": render_csv(table.frame, table.fields),
              "results_summary.csv": render_csv(summary, summary_fields(sweep, table))}
     for name, text in files.items():
-        with open(os.path.join(out, name), "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-    plot_loss_curves(sweep, os.path.join(out, "loss_curves.png"))
+        if storage.is_remote(out):
+            storage.write_text(storage.join(out, name), text)
+        else:
+            with open(os.path.join(out, name), "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+    save_plot(out, "loss_curves.png", lambda path: plot_loss_curves(sweep, path))
     written = [*files, "loss_curves.png"]
     if grid is not None:
-        plot_grid(grid, os.path.join(out, "grid.png"),
-                  os.path.basename(os.path.abspath(sweep.root)) or sweep.root,
-                  [a for a in sweep.seed_axes if a in sweep.axes])
+        save_plot(out, "grid.png", lambda path: plot_grid(
+            grid, path, storage.basename(sweep.root) or sweep.root,
+            [a for a in sweep.seed_axes if a in sweep.axes]))
         written.append("grid.png")
     return markdown, written
+
+
+def save_plot(out: str, name: str, draw: Callable[[str], None]) -> None:
+    """Calls draw(path) to save OUT/name: the path itself when OUT is local, else a temporary
+    file that is then uploaded to OUT/name."""
+    if not storage.is_remote(out):
+        draw(os.path.join(out, name))
+        return
+    with tempfile.TemporaryDirectory(prefix="research-collect-") as tmp:
+        local = os.path.join(tmp, name)
+        draw(local)
+        storage.upload(local, storage.join(out, name))
 
 
 def split_list(text: str) -> list[str]:
@@ -136,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     --sort or --grid_metric column: a CollectError; 1 when writing the files fails)."""
     args = make_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.out is not None:
-        cli.check_output_dir(args.out, "--out")
+        storage.check_writable(args.out, "--out")
     try:
         markdown, written = collect_files(args.root, metrics=args.metrics,
                                           seed_axes=args.seed_axes, out=args.out,
@@ -145,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {PROG}: {e}", file=sys.stderr)
         return 1
     print(markdown, end="")
-    print(f"wrote {', '.join(written)} to {os.path.abspath(args.out or args.root)}",
+    print(f"wrote {', '.join(written)} to {storage.resolve(args.out or args.root)}",
           file=sys.stderr)
     return 0
 

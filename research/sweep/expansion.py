@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from research import storage
 from research.sweep.gin_values import gin_literal, to_json
 from research.sweep.spec import SweepError, SweepSpec, Trial, kind_of, suggest
 from research.sweep.validate import check_axis_values, validate_kinds
@@ -144,7 +145,7 @@ def _template_mapping(spec: SweepSpec, params: dict[str, Any], root: str) -> dic
 
 def expand(spec: SweepSpec, root: str) -> list[Trial]:
     """All trials of the sweep, in order, with names checked for uniqueness."""
-    root = os.path.abspath(root)
+    root = storage.resolve(root)
     validate_kinds(spec)
     has_gin_file_axis = "gin_file" in spec.axes()
     if not spec.gin_files and not has_gin_file_axis:
@@ -184,6 +185,6 @@ def sweep_json(spec: SweepSpec, trials: Sequence[Trial], root: str) -> dict[str,
         "seed_axes": list(spec.seed_axes),
         "labels": [a for a in axes if kind_of(a) == "label"],
         "names": {a: spec.short_name(a) for a in axes},
-        "root": os.path.abspath(root),
+        "root": storage.resolve(root),
         "trials": [{"name": t.name, "params": to_json(t.params)} for t in trials],
     }

@@ -16,7 +16,9 @@ import subprocess
 import sys
 from typing import IO
 
+from research import storage
 from research.sweep.spec import SweepError, Trial
+from research.sweep.trial_log import LOG_FILE, TrialLog, staging_dir
 
 TRAIN_MODULE = "research.train"
 # What a SLURM job leaves in ROOT/<trial>/ when it ends: its exit code and run time in seconds.
@@ -32,16 +34,24 @@ class Launcher:
     devices_per_trial: int | None = None  # GPUs per concurrent slot (local launcher only)
 
     def __init__(self, args: argparse.Namespace, root: str, cwd: str):
-        self.root = os.path.abspath(root)
+        self.root = storage.resolve(root)
+        self.remote = storage.is_remote(self.root)
         self.cwd = cwd
         self.train_module = getattr(args, "train_module", None) or TRAIN_MODULE
         self.python = sys.executable
 
     def workdir(self, trial: Trial) -> str:
-        return os.path.join(self.root, trial.name)
+        return storage.join(self.root, trial.name)
 
     def log_path(self, trial: Trial) -> str:
-        return os.path.join(self.workdir(trial), "train.log")
+        """The file the launcher's output goes to: ROOT/<trial>/train.log, or its local staging
+        copy when ROOT is on object storage (trial_log.py)."""
+        return TrialLog(self.root, trial.name).path
+
+    def log_note(self, trial: Trial) -> str:
+        """For --dry_run with ROOT on object storage: where the staged log is copied."""
+        return (f"  # copied to {storage.join(self.workdir(trial), LOG_FILE)}" if self.remote
+                else "")
 
     def train_command(self, trial: Trial) -> list[str]:
         """`python -m research.train ... --workdir=ROOT/<trial>` (recorded in trial.json)."""
@@ -103,7 +113,7 @@ class LocalLauncher(Launcher):
         prefix = f"CUDA_VISIBLE_DEVICES={env} " if env is not None else ""
         log = shlex.quote(self.log_path(trial))
         return (f"cd {shlex.quote(self.cwd)} && {prefix}{shlex.join(self.train_command(trial))} "
-                f">> {log} 2>&1")
+                f">> {log} 2>&1{self.log_note(trial)}")
 
     def start(self, trial: Trial, log: IO, slot: int | None) -> subprocess.Popen:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -122,10 +132,12 @@ class TpuVmLauncher(Launcher):
     `gcloud compute tpus tpu-vm ssh NAME --worker=all --command='cd DIR && ... research.train'`.
 
     research.train detects the multi-host TPU setup itself. ROOT must be a path that every
-    worker and this machine see (a shared filesystem): workers write the run there and the
-    sweep reads final.json from it. Each worker records its pid in ROOT/<trial>/.pid.<host>, so
-    Ctrl-C on the sweep sends SIGTERM to the trainers on all workers (they checkpoint and exit).
-    A slice runs one trial at a time: keep --parallel=1 per slice."""
+    worker and this machine see (a shared filesystem, or object storage: --root=gs://...):
+    workers write the run there and the sweep reads final.json from it. Each worker records its
+    pid in ROOT/<trial>/.pid.<host> (with ROOT on object storage, which a shell cannot write, in
+    its own /tmp/research-sweep-<key>/<trial>.pid), so Ctrl-C on the sweep sends SIGTERM to the
+    trainers on all workers (they checkpoint and exit). The workers' output comes back through
+    gcloud into train.log. A slice runs one trial at a time: keep --parallel=1 per slice."""
 
     name = "tpu-vm"
 
@@ -147,18 +159,26 @@ class TpuVmLauncher(Launcher):
             cmd.append(f"--project={self.project}")
         return [*cmd, "--worker=all", f"--command={remote_command}"]
 
+    def pid_dir(self) -> str:
+        """Where a worker keeps its trainer's pid when ROOT is on object storage."""
+        return "/tmp/research-sweep-" + os.path.basename(staging_dir(self.root))
+
     def pid_file(self, trial: Trial) -> str:
+        if self.remote:
+            return shlex.quote(f"{self.pid_dir()}/{trial.name}.pid")
         return shlex.quote(self.workdir(trial)) + "/.pid.$(hostname)"
 
     def remote_command(self, trial: Trial) -> str:
-        return (f"cd {shlex.quote(self.remote_dir)} && echo $$ > {self.pid_file(trial)} && "
+        mkdir = f"mkdir -p {shlex.quote(self.pid_dir())} && " if self.remote else ""
+        return (f"cd {shlex.quote(self.remote_dir)} && {mkdir}echo $$ > {self.pid_file(trial)} && "
                 f"exec {shlex.join(self.train_command(trial))}")
 
     def launch_command(self, trial: Trial) -> list[str]:
         return self.gcloud(self.remote_command(trial))
 
     def dry_run(self, trial: Trial, attempt: int, slot: int | None = None) -> str:
-        return f"{shlex.join(self.launch_command(trial))} >> {shlex.quote(self.log_path(trial))} 2>&1"
+        return (f"{shlex.join(self.launch_command(trial))} >> {shlex.quote(self.log_path(trial))} "
+                f"2>&1{self.log_note(trial)}")
 
     def start(self, trial: Trial, log: IO, slot: int | None) -> subprocess.Popen:
         return subprocess.Popen(self.launch_command(trial), cwd=self.cwd, stdout=log,
@@ -182,7 +202,15 @@ class SlurmLauncher(Launcher):
     ROOT/<trial>/elapsed_s). research.train detects SLURM's multi-process setup itself; one
     task per node with all its GPUs (--ntasks_per_node=1 --gpus_per_node=G) is the simple
     layout. A job stopped by its time limit (SIGTERM) checkpoints and is resubmitted by the
-    next `run`; add --sbatch_arg=--signal=TERM@120 to get the signal ahead of the kill."""
+    next `run`; add --sbatch_arg=--signal=TERM@120 to get the signal ahead of the kill.
+
+    ROOT on object storage (gs://...), which neither sbatch nor a shell can write: the script
+    and the job's output live in the local staging directory (trial_log.staging_dir, under
+    ~/.cache, which the compute nodes must share with this machine, as they share the
+    checkout), and the job ends with `python -m research.sweep record ROOT/<trial> ...`, which
+    copies train.log to ROOT/<trial>/ and writes elapsed_s and returncode there. A job whose
+    `cd` into the checkout fails cannot run that; it leaves no returncode, and the next `run`
+    finds it gone from the queue and resubmits it."""
 
     name = "slurm"
     synchronous = False
@@ -190,7 +218,7 @@ class SlurmLauncher(Launcher):
     def __init__(self, args: argparse.Namespace, root: str, cwd: str):
         super().__init__(args, root, cwd)
         self.python = getattr(args, "remote_python", None) or sys.executable
-        self.sweep_name = os.path.basename(self.root.rstrip("/")) or "sweep"
+        self.sweep_name = storage.basename(self.root) or "sweep"
         self.options = [("nodes", getattr(args, "nodes", 1)),
                         ("ntasks-per-node", getattr(args, "ntasks_per_node", 1)),
                         ("gpus-per-node", getattr(args, "gpus_per_node", None)),
@@ -203,11 +231,16 @@ class SlurmLauncher(Launcher):
             raise SweepError(f"--root={self.root} has whitespace, which #SBATCH --output cannot "
                              "hold; pick a root without spaces for --launcher=slurm.")
 
+    def job_dir(self, trial: Trial) -> str:
+        """The local directory of the job script and output: ROOT/<trial>, or its staging
+        directory when ROOT is on object storage."""
+        return os.path.dirname(self.log_path(trial))
+
     def script_path(self, trial: Trial) -> str:
-        return os.path.join(self.workdir(trial), "sbatch.sh")
+        return os.path.join(self.job_dir(trial), "sbatch.sh")
 
     def returncode_path(self, trial_dir: str) -> str:
-        return os.path.join(trial_dir, RETURNCODE_FILE)
+        return storage.join(trial_dir, RETURNCODE_FILE)
 
     def submit_command(self, trial: Trial) -> list[str]:
         return ["sbatch", "--parsable", self.script_path(trial)]
@@ -226,6 +259,18 @@ class SlurmLauncher(Launcher):
         rc_file = shlex.quote(self.returncode_path(workdir))
         header = (f"=== research.sweep: trial {trial.name}, attempt {attempt}, slurm job "
                   "${SLURM_JOB_ID} on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)")
+        if self.remote:
+            record = [self.python, "-m", "research.sweep", "record", workdir]
+            lines += [
+                f"echo \"{header}\"",
+                f"cd {shlex.quote(self.cwd)} || exit 1",
+                f"srun {shlex.join(self.train_command(trial))}",
+                "rc=$?",
+                f"{shlex.join(record)} --returncode=\"$rc\" --elapsed_s=\"$SECONDS\" "
+                f"--log={shlex.quote(self.log_path(trial))}",
+                "exit $rc",
+            ]
+            return "\n".join(lines) + "\n"
         lines += [
             f"echo \"{header}\"",
             f"cd {shlex.quote(self.cwd)} || {{ echo 1 > {rc_file}; exit 1; }}",
@@ -246,10 +291,9 @@ class SlurmLauncher(Launcher):
         Returns (sbatch's exit code, job id or sbatch's error output)."""
         workdir = self.workdir(trial)
         for stale in (RETURNCODE_FILE, ELAPSED_FILE):
-            try:
-                os.remove(os.path.join(workdir, stale))
-            except FileNotFoundError:
-                pass
+            storage.remove(storage.join(workdir, stale))
+        if self.remote:  # the job appends to a local copy of train.log that `record` uploads
+            TrialLog(self.root, trial.name).stage()
         with open(self.script_path(trial), "w", encoding="utf-8") as f:
             f.write(self.script(trial, attempt))
         os.chmod(self.script_path(trial), 0o755)
@@ -266,6 +310,16 @@ class SlurmLauncher(Launcher):
         if not job_id:
             return 1, f"sbatch printed no job id (stdout {proc.stdout!r})."
         return 0, job_id
+
+
+def record_exit(trial_dir: str, returncode: int, elapsed_s: float, log: str | None) -> None:
+    """What a SLURM job with ROOT on object storage does when it ends (`python -m research.sweep
+    record`): copies its local `log` to TRIAL_DIR/train.log, writes elapsed_s, then returncode
+    (last: its presence tells the runner the job ended)."""
+    if log is not None and os.path.exists(log):
+        storage.upload(log, storage.join(trial_dir, LOG_FILE))
+    storage.write_text(storage.join(trial_dir, ELAPSED_FILE), f"{elapsed_s}\n")
+    storage.write_text(storage.join(trial_dir, RETURNCODE_FILE), f"{returncode}\n")
 
 
 def job_in_queue(job_id: str) -> bool | None:

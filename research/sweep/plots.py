@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
+from research import storage
 from research.sweep.results import CollectError, SweepResults, TrialResult
 from research.sweep.tables import Table, group_key, json_key, lower_is_better, value_key
 from research.sweep.values import fmt_number, fmt_value
@@ -73,7 +73,7 @@ def plot_loss_curves(sweep: SweepResults, path: str) -> None:
     if not drawn:
         axes[0].text(0.5, 0.5, "no metrics logged yet", ha="center", va="center",
                      transform=axes[0].transAxes)
-    fig.suptitle(os.path.basename(os.path.abspath(sweep.root)) or sweep.root)
+    fig.suptitle(storage.basename(sweep.root) or sweep.root)
     fig.savefig(path)
 
 

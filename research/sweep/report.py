@@ -4,11 +4,11 @@ table, a link to grid.png) and the CSV files, from the tables of `tables.py`."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, Sequence
 
 import pandas as pd
 
+from research import storage
 from research.sweep.plots import Grid
 from research.sweep.results import SweepResults, TrialResult
 from research.sweep.tables import Table
@@ -130,7 +130,7 @@ def render_markdown(sweep: SweepResults, table: Table, summary: pd.DataFrame,
         "pending = not started.",
     ]
     over = f"over {', '.join(seeds)}" if seeds else "(no seed axis varied: groups by all axes)"
-    parts = [f"# Sweep results: {os.path.abspath(sweep.root)}", "", status_counts(sweep.trials),
+    parts = [f"# Sweep results: {storage.resolve(sweep.root)}", "", status_counts(sweep.trials),
              "", *legend, "", "## Trials", "", md_table(*trial_rows_md(sweep, table)), "",
              f"## Mean ± sample std (ddof=1) {over}", "",
              "Each cell averages the trials of the group that have the value; n = their "

@@ -1,19 +1,18 @@
 """Reads what `collect` reports from a sweep root: the trials ROOT/sweep.json lists (or, without
 it, every subdirectory holding trial.json, metrics.jsonl or final.json; or ROOT itself when it
 is such a workdir), each from its trial.json and research.train's run files (read through
-`research.workdir`).
+`research.workdir`). ROOT may be local or on object storage (gs://...; research/storage.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import re
 import sys
 from typing import Any, Iterable, Sequence
 
-from research import workdir
+from research import storage, workdir
 from research.errors import ConfigError
 from research.sweep.trial_state import TRIAL_FILE, read_object
 from research.sweep.values import as_float, as_int
@@ -132,7 +131,7 @@ def _total_steps(final: dict[str, Any], params: dict[str, Any], fixed: dict[str,
 def read_trial(path: str, name: str, params: dict[str, Any], fixed: dict[str, Any]) -> TrialResult:
     """Reads one trial directory (which may not exist yet). `params` and `fixed` come from
     sweep.json; trial.json's params take precedence over `params`."""
-    info = read_object(os.path.join(path, TRIAL_FILE)) or {}
+    info = read_object(storage.join(path, TRIAL_FILE)) or {}
     final = workdir.read_final(path)
     final = final if isinstance(final, dict) else None
     rows = metric_rows(path)
@@ -162,9 +161,9 @@ def read_trial(path: str, name: str, params: dict[str, Any], fixed: dict[str, An
 def discover_dirs(root: str) -> list[str]:
     """Subdirectories of `root` (sorted) holding one of trial.json, metrics.jsonl, final.json."""
     names = []
-    for entry in sorted(os.listdir(root)):
-        path = os.path.join(root, entry)
-        if os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in MARKERS):
+    for entry in storage.listdir(root):
+        path = storage.join(root, entry)
+        if storage.isdir(path) and any(storage.exists(storage.join(path, m)) for m in MARKERS):
             names.append(entry)
     return names
 
@@ -179,9 +178,9 @@ def ordered_union(lists: Iterable[Iterable[str]]) -> list[str]:
 
 def _read_sweep_json(root: str) -> dict[str, Any] | None:
     """ROOT/sweep.json when it lists trials; None (with a note when it exists) otherwise."""
-    spec = read_object(os.path.join(root, "sweep.json"))
+    spec = read_object(storage.join(root, "sweep.json"))
     if spec is not None and not isinstance(spec.get("trials"), list):
-        print(f"collect: {os.path.join(root, 'sweep.json')} has no trial list; looking for trial "
+        print(f"collect: {storage.join(root, 'sweep.json')} has no trial list; looking for trial "
               "directories instead.", file=sys.stderr)
         return None
     return spec
@@ -192,20 +191,20 @@ def _read_trials(root: str, spec: dict[str, Any] | None) -> list[TrialResult]:
     if spec is not None:
         fixed = spec.get("fixed") if isinstance(spec.get("fixed"), dict) else {}
         listed = [t for t in spec["trials"] if isinstance(t, dict) and t.get("name")]
-        return [read_trial(os.path.join(root, str(t["name"])), str(t["name"]),
+        return [read_trial(storage.join(root, str(t["name"])), str(t["name"]),
                            t.get("params") if isinstance(t.get("params"), dict) else {}, fixed)
                 for t in listed]
     dirs = discover_dirs(root)
     if dirs:
-        return [read_trial(os.path.join(root, d), d, {}, {}) for d in dirs]
-    if any(os.path.exists(os.path.join(root, m)) for m in MARKERS):
-        return [read_trial(root, os.path.basename(os.path.abspath(root)), {}, {})]
+        return [read_trial(storage.join(root, d), d, {}, {}) for d in dirs]
+    if any(storage.exists(storage.join(root, m)) for m in MARKERS):
+        return [read_trial(root, storage.basename(root), {}, {})]
     return []
 
 
 def load_sweep(root: str, seed_axes: Sequence[str] | None = None) -> SweepResults:
     """Reads every trial of the sweep at `root`. `seed_axes` overrides sweep.json's."""
-    if not os.path.isdir(root):
+    if not storage.isdir(root):
         raise CollectError(f"{root} is not a directory: pass the --root of a `python -m "
                            "research.sweep run` (or a directory of research.train workdirs).")
     spec = _read_sweep_json(root)

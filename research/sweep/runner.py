@@ -8,6 +8,10 @@ only with --retry_failed; pending, interrupted, or "running" from a sweep that d
 (research.train resumes from its checkpoints); running in another live process or submitted
 to SLURM and still queued -> left alone. Ctrl-C / SIGTERM forward one SIGTERM to the running
 trials (they checkpoint and exit), which are then marked interrupted.
+
+ROOT may be local or on object storage (`--root=gs://bucket/sweep`): every file goes through
+research/storage.py, the sweep's lock is then a lease object (research/lease.py) instead of an
+flock, and train.log is staged locally and copied up (trial_log.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import time
 import traceback
 from typing import IO, Any, Iterator, Sequence
 
-from research import workdir
+from research import lease as lease_lib
+from research import storage, workdir
+from research.sweep import trial_log
 from research.sweep.expansion import expand, sweep_json
 from research.sweep.gin_values import to_json
 from research.sweep.launchers import Launcher, SlurmLauncher
@@ -58,13 +64,31 @@ def git_info(cwd: str) -> tuple[str | None, bool | None]:
 
 
 class SweepLock:
-    """An exclusive flock on ROOT/.sweep.lock: one `run` per sweep root at a time."""
+    """One `run` per sweep root at a time: an exclusive flock on ROOT/.sweep.lock, or with ROOT
+    on object storage (no flock there) a heartbeat lease object ROOT/.sweep.lock
+    (research/lease.py; a killed sweep's lease is taken over once its heartbeat is older than
+    its ttl). A second `run` is refused with a SweepError / WorkdirLockedError."""
 
     def __init__(self, root: str):
-        self.path = os.path.join(root, ".sweep.lock")
+        self.path = storage.join(root, ".sweep.lock")
         self.fd: int | None = None
+        self.lease = (lease_lib.Lease(self.path, what="sweep") if storage.is_remote(root)
+                      else None)
+
+    @property
+    def lost(self) -> bool:
+        """Whether another sweep took over this one's lease (object storage only)."""
+        return self.lease is not None and self.lease.lost
+
+    def check(self) -> None:
+        """WorkdirLockedError when the lease was lost."""
+        if self.lease is not None:
+            self.lease.check()
 
     def __enter__(self) -> "SweepLock":
+        if self.lease is not None:
+            self.lease.acquire()
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,6 +103,8 @@ class SweepLock:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.lease is not None:
+            self.lease.release()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -93,7 +119,7 @@ class Runner:
             raise SweepError(f"--parallel={parallel}: give at least 1 concurrent trial.")
         self.spec = spec
         self.launcher = launcher
-        self.root = os.path.abspath(root)
+        self.root = storage.resolve(root)
         self.parallel = parallel
         self.retry_failed = retry_failed
         self.out = out or sys.stdout
@@ -107,6 +133,8 @@ class Runner:
         self._to_run = 0
         self._finished_runs = 0
         self.results: dict[str, tuple[str, dict[str, Any] | None]] = {}
+        self._sweep_lock: SweepLock | None = None
+        self._logs: dict[str, trial_log.TrialLog] = {}
 
     # ---- output -----------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -121,7 +149,7 @@ class Runner:
 
     def trial_dir(self, trial: Trial) -> str:
         """ROOT/<trial>: research.train's --workdir for the trial."""
-        return os.path.join(self.root, trial.name)
+        return storage.join(self.root, trial.name)
 
     # ---- planning ---------------------------------------------------------------------------
     def plan(self, *, write: bool) -> list[PlanEntry]:
@@ -138,7 +166,7 @@ class Runner:
                 state.update(updates)
                 state["status"] = status
             if write and state is not None:
-                os.makedirs(tdir, exist_ok=True)
+                storage.makedirs(tdir)
                 write_state(tdir, state)
             if status == "done":
                 action = "skip"
@@ -182,9 +210,11 @@ class Runner:
     # ---- running ----------------------------------------------------------------------------
     def run(self) -> int:
         """Writes sweep.json, runs or submits what needs it, prints a summary; exit code."""
-        os.makedirs(self.root, exist_ok=True)
-        with SweepLock(self.root):
-            write_json(os.path.join(self.root, "sweep.json"),
+        if storage.is_remote(self.root):
+            storage.check_writable(self.root, "--root")
+        storage.makedirs(self.root)
+        with SweepLock(self.root) as self._sweep_lock:
+            write_json(storage.join(self.root, "sweep.json"),
                        sweep_json(self.spec, self.trials, self.root))
             self.git_commit, self.git_dirty = git_info(self.launcher.cwd)
             plan = self.plan(write=True)
@@ -205,7 +235,9 @@ class Runner:
                     self._run_pool(todo)
                 else:
                     self._submit_all(todo)
-            return self.summary()
+            code = self.summary()
+            self._sweep_lock.check()
+            return code
 
     @contextlib.contextmanager
     def _signal_handlers(self) -> Iterator[None]:
@@ -264,27 +296,29 @@ class Runner:
             self._save(trial, state)
             self._finish_line(trial, state, 0.0)
         finally:
+            log = self._logs.pop(trial.name, None)
+            if log is not None:
+                log.close()
             slots.put(slot)
 
     def _attempt(self, trial: Trial, state: dict[str, Any], slot: int) -> None:
         """Starts the trial on `slot`, waits for it, and records how it ended: done
         (final.json), interrupted (exit 0 without it, or stopped by a signal) or failed."""
         tdir = self.trial_dir(trial)
-        os.makedirs(tdir, exist_ok=True)
+        storage.makedirs(tdir)
         with self._lock:
-            if self.stop_signal is not None:
+            if self.stop_signal is not None or self._sweep_lock.lost:
                 self.results[trial.name] = (state["status"], state)
                 return
             self._prepare(trial, state)
-            log = open(os.path.join(tdir, LOG_FILE), "a", encoding="utf-8")
+            log = self._logs[trial.name] = trial_log.TrialLog(self.root, trial.name)
             log.write(self._header(trial, state))
-            log.flush()
             began = time.monotonic()
             try:
-                proc = self.launcher.start(trial, log, slot)
+                proc = self.launcher.start(trial, log.open(), slot)
             except OSError as err:
                 log.write(f"=== research.sweep: could not start the trial: {err}\n")
-                log.close()
+                self._logs.pop(trial.name).close()
                 state.update(ended("failed", 127), finished_at=time.time())
                 self._save(trial, state)
                 self._finish_line(trial, state, 0.0)
@@ -294,13 +328,13 @@ class Runner:
         self._save(trial, state)
         devices = self.launcher.devices(slot)
         where = f", CUDA_VISIBLE_DEVICES={devices}" if devices is not None else ""
-        self.say(f"start {trial.name} (attempt {state['attempts']}{where}) -> {tdir}/train.log")
-        rc = proc.wait()
+        self.say(f"start {trial.name} (attempt {state['attempts']}{where}) -> {log.url}")
+        rc = self._wait(proc, log)
         elapsed = time.monotonic() - began
         with self._lock:
             self._running.pop(trial.name, None)
             stopped = self.stop_signal is not None
-        log.close()
+        self._logs.pop(trial.name).close()
         if workdir.is_finished(tdir):
             status = "done"
         elif rc == 0 or stopped:
@@ -311,6 +345,15 @@ class Runner:
                      wall_time_s=round(float(state.get("wall_time_s") or 0.0) + elapsed, 3))
         self._save(trial, state)
         self._finish_line(trial, state, elapsed)
+
+    @staticmethod
+    def _wait(proc: subprocess.Popen, log: trial_log.TrialLog) -> int:
+        """proc's exit code; meanwhile a staged log is copied up every log.sync_every s."""
+        while True:
+            try:
+                return proc.wait(timeout=log.sync_every)
+            except subprocess.TimeoutExpired:
+                log.sync()
 
     def _prepare(self, trial: Trial, state: dict[str, Any]) -> None:
         """State at the start of an attempt."""
@@ -334,9 +377,11 @@ class Runner:
 
     def _append_log(self, trial: Trial, text: str) -> None:
         """Appends `text` (one line or more) to the trial's train.log."""
-        os.makedirs(self.trial_dir(trial), exist_ok=True)
-        with open(os.path.join(self.trial_dir(trial), LOG_FILE), "a", encoding="utf-8") as f:
-            f.write(text if text.endswith("\n") else text + "\n")
+        log = self._logs.get(trial.name)
+        if log is not None:  # the attempt's log is open: write there (closed by _run_one)
+            log.write(text)
+        else:
+            trial_log.append(self.root, trial.name, text)
 
     def _save(self, trial: Trial, state: dict[str, Any]) -> None:
         """Writes the trial's trial.json."""
@@ -365,7 +410,7 @@ class Runner:
                 self.results[trial.name] = (state["status"], state)
                 continue
             tdir = self.trial_dir(trial)
-            os.makedirs(tdir, exist_ok=True)
+            storage.makedirs(tdir)
             self._prepare(trial, state)
             state.pop("pid", None)
             rc, answer = self.launcher.submit(trial, state["attempts"])
@@ -391,7 +436,7 @@ class Runner:
             status, state = self.results.get(trial.name, ("pending", None))
             if status != "failed":
                 continue
-            log = os.path.join(self.trial_dir(trial), LOG_FILE)
+            log = storage.join(self.trial_dir(trial), LOG_FILE)
             self.say(f"\nFAILED {trial.name}: {returncode_text(state or {})}, log {log}")
             for line in tail(log):
                 self.say(f"    | {line}")

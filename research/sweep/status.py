@@ -1,14 +1,13 @@
 """`python -m research.sweep status ROOT`: one line per trial (status, attempts, exit code,
 a failed trial's reason, e.g. `hang` (trial_state.failure_reason), time, step), read from
-ROOT/sweep.json, trial.json and the run files; starts nothing."""
+ROOT/sweep.json, trial.json and the run files (local or on object storage); starts nothing."""
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import IO
 
-from research import workdir
+from research import storage, workdir
 from research.sweep.spec import SweepError
 from research.sweep.trial_state import STATUS_ORDER, effective_status, read_object, read_state
 from research.sweep.values import fmt_duration
@@ -26,13 +25,13 @@ def last_step(trial_dir: str) -> str:
 def status_table(root: str) -> tuple[list[list[str]], dict[str, int]]:
     """Rows (trial, status, attempts, returncode, reason, wall time, step) and counts per
     status."""
-    info = read_object(os.path.join(root, "sweep.json"))
+    info = read_object(storage.join(root, "sweep.json"))
     if info is None or "trials" not in info:
         raise SweepError(f"no sweep.json in {root}; give the --root of a `python -m research.sweep "
                          "run`.")
     rows, counts = [], {}
     for entry in info["trials"]:
-        tdir = os.path.join(root, entry["name"])
+        tdir = storage.join(root, entry["name"])
         state = read_state(tdir)
         status, updates, _ = effective_status(tdir, state, query_slurm=False)
         merged = {**(state or {}), **updates}
@@ -50,7 +49,7 @@ def status_table(root: str) -> tuple[list[list[str]], dict[str, int]]:
 def print_status(root: str, out: IO[str] | None = None) -> int:
     """`python -m research.sweep status DIR`: one line per trial."""
     out = out or sys.stdout
-    root = os.path.abspath(root)
+    root = storage.resolve(root)
     rows, counts = status_table(root)
     header = ["trial", "status", "attempts", "rc", "reason", "time", "step"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

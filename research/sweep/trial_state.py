@@ -1,6 +1,7 @@
 """A trial's bookkeeping under ROOT/<trial>/ (besides research.train's run files, read through
 `research.workdir`): trial.json (the sweep's record of its attempts), train.log, and for SLURM
-jobs `returncode`/`elapsed_s`; and what all of these say about the trial's status now.
+jobs `returncode`/`elapsed_s`; and what all of these say about the trial's status now. ROOT may
+be local or on object storage (gs://...): every file goes through research/storage.py.
 
 Statuses: pending (never started), running (a trainer runs it), submitted (a SLURM job is
 queued or running), done (final.json exists), interrupted (stopped before the end: the next
@@ -21,15 +22,15 @@ import threading
 import time
 from typing import Any
 
-from research import workdir
+from research import storage, workdir
 from research.errors import HangError, UserError
 from research.sweep.gin_values import to_json
 from research.sweep.launchers import ELAPSED_FILE, RETURNCODE_FILE, Launcher, job_in_queue
 from research.sweep.spec import Trial
+from research.sweep.trial_log import LOG_FILE
 
 STATUS_ORDER = ("done", "failed", "interrupted", "running", "submitted", "pending")
 TRIAL_FILE = "trial.json"
-LOG_FILE = "train.log"
 TAIL_LINES = 20
 
 
@@ -69,7 +70,11 @@ def read_object(file: str) -> dict[str, Any] | None:
 
 
 def write_json(file: str, data: Any) -> None:
-    """Writes JSON atomically (a temp file per process and thread, then rename)."""
+    """Writes JSON atomically (locally a temp file per process and thread, then rename; on
+    object storage one whole-object write)."""
+    if storage.is_remote(file):
+        storage.write_text(file, json.dumps(data, indent=2) + "\n")
+        return
     tmp = f"{file}.tmp.{os.getpid()}.{threading.get_ident()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
@@ -79,17 +84,18 @@ def write_json(file: str, data: Any) -> None:
 
 def read_state(trial_dir: str) -> dict[str, Any] | None:
     """ROOT/<trial>/trial.json, or None before the trial was planned."""
-    return read_object(os.path.join(trial_dir, TRIAL_FILE))
+    return read_object(storage.join(trial_dir, TRIAL_FILE))
 
 
 def write_state(trial_dir: str, state: dict[str, Any]) -> None:
-    write_json(os.path.join(trial_dir, TRIAL_FILE), state)
+    write_json(storage.join(trial_dir, TRIAL_FILE), state)
 
 
 def tail(file: str, lines: int = TAIL_LINES, max_bytes: int = 65536) -> list[str]:
-    """The last `lines` lines of a (possibly large) text file; [] if it does not exist."""
+    """The last `lines` lines of a (possibly large) text file, local or on object storage; []
+    if it does not exist."""
     try:
-        with open(file, "rb") as f:
+        with storage.open_file(file, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - max_bytes))
@@ -110,8 +116,9 @@ def new_state(trial: Trial, launcher: Launcher) -> dict[str, Any]:
 
 def trainer_alive(trial_dir: str, state: dict[str, Any]) -> bool:
     """Whether the process a "running" trial.json records still runs: on this host, its pid
-    lives with this trial's workdir on its command line; from another host, research.train's
-    DIR/.lock is held (probed only then: a probe could race a trainer taking the lock)."""
+    lives with this trial's workdir on its command line (/proc: this host only); from another
+    host, research.train's DIR/.lock is held (probed only then: a probe could race a trainer
+    taking the lock; on object storage the lock is a lease, see research/lease.py)."""
     pid = state.get("pid")
     if state.get("host") == socket.gethostname():
         if not pid:
@@ -124,7 +131,7 @@ def trainer_alive(trial_dir: str, state: dict[str, Any]) -> bool:
             return True
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return os.path.basename(trial_dir).encode() in f.read()
+                return storage.basename(trial_dir).encode() in f.read()
         except OSError:
             return True
     return workdir.lock_held(trial_dir)
@@ -157,13 +164,13 @@ def _submitted_status(trial_dir: str, state: dict[str, Any],
                       query_slurm: bool) -> tuple[str, dict[str, Any], str]:
     """effective_status of a SLURM job without final.json: still queued, gone from the queue
     without an exit code (interrupted), or finished with one (failed / interrupted)."""
-    rc_path = os.path.join(trial_dir, RETURNCODE_FILE)
+    rc_path = storage.join(trial_dir, RETURNCODE_FILE)
     job = f"slurm job {state.get('job_id')}"
-    if not os.path.exists(rc_path) and query_slurm and state.get("job_id"):
-        if job_in_queue(state["job_id"]) is False and not os.path.exists(rc_path):
+    if not storage.exists(rc_path) and query_slurm and state.get("job_id"):
+        if job_in_queue(state["job_id"]) is False and not storage.exists(rc_path):
             return ("interrupted", {"status": "interrupted", "finished_at": time.time()},
                     f"{job} left the queue without an exit code")
-    if not os.path.exists(rc_path):
+    if not storage.exists(rc_path):
         return "submitted", {}, job
     updates = slurm_outcome(trial_dir, state)
     status = "failed" if updates["returncode"] != 0 else "interrupted"
@@ -172,16 +179,14 @@ def _submitted_status(trial_dir: str, state: dict[str, Any],
 
 def slurm_outcome(trial_dir: str, state: dict[str, Any]) -> dict[str, Any]:
     """returncode / wall time / finish time of a finished SLURM job, from its files."""
-    rc_path = os.path.join(trial_dir, RETURNCODE_FILE)
+    rc_path = storage.join(trial_dir, RETURNCODE_FILE)
     try:
-        with open(rc_path, encoding="utf-8") as f:
-            rc = int(f.read().strip() or 1)
-        finished = os.path.getmtime(rc_path)
+        rc = int(storage.read_text(rc_path).strip() or 1)
+        finished = storage.getmtime(rc_path)
     except (OSError, ValueError):
         return {}
     try:
-        with open(os.path.join(trial_dir, ELAPSED_FILE), encoding="utf-8") as f:
-            elapsed = float(f.read().strip())
+        elapsed = float(storage.read_text(storage.join(trial_dir, ELAPSED_FILE)).strip())
     except (OSError, ValueError):
         elapsed = 0.0
     return {"returncode": rc, "finished_at": finished,

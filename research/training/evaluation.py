@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import os
 from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from research import storage
 from research import workdir as workdir_lib
 from research.objectives import losses
 from research.training import partitioning
@@ -85,7 +85,7 @@ def write_predictions(workdir: str, setup: Setup, predict_step: Callable, params
     preds = predict_all(setup, predict_step, params, it)
     if jax.process_index() != 0:
         return
-    path = os.path.join(workdir, PREDICTIONS_FILE)
+    path = storage.join(workdir, PREDICTIONS_FILE)
     rows = [f"{int(i)}\t{setup.objective.format_prediction(float(p))}\n"
             for i, p in zip(preds["index"], preds["prediction"])]
     workdir_lib.write_text(path, "index\tprediction\n" + "".join(rows))

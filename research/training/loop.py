@@ -40,7 +40,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from research import errors, profiling
+from research import errors, profiling, storage
 from research import workdir as workdir_lib
 from research.checkpoints import init_from as init_checkpoint_lib
 from research.checkpoints import manager as checkpointing
@@ -70,14 +70,18 @@ def train(workdir: str, config: RunConfig | None = None, *,
     elif overrides:
         config = dataclasses.replace(config, **overrides)
     create_workdir(workdir)
-    with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
+    with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0) as lock, \
             preemption.PreemptionGuard() as guard, \
             watchdog_lib.Watchdog(workdir, config.hang_timeout_s, host=jax.process_index()) as dog:
-        return _train(workdir, config, guard, profile_steps, dog)
+        return _train(workdir, config, guard, profile_steps, dog, lock)
 
 
 def create_workdir(workdir: str) -> None:
-    """Creates --workdir (and its parents); ConfigError if that path cannot be a directory."""
+    """Creates --workdir (and its parents); ConfigError if that path cannot be a directory.
+    On object storage (gs://...): StorageError unless its bucket exists and takes a write."""
+    if storage.is_remote(workdir):
+        storage.check_writable(workdir, "--workdir")
+        return
     try:
         os.makedirs(workdir, exist_ok=True)
     except FileExistsError:
@@ -102,7 +106,7 @@ class _Run:
 
 def _train(workdir: str, config: RunConfig, guard: preemption.PreemptionGuard,
            profile_steps: profiling.Window | None,
-           dog: watchdog_lib.Watchdog) -> dict[str, float]:
+           dog: watchdog_lib.Watchdog, lock: workdir_lib.WorkdirLock) -> dict[str, float]:
     # Setup: data, model, mesh, optimizer; a DIR holding another run is refused here.
     run = _prepare(workdir, config)
     profiling.check_window(profile_steps, run.schedule.num_steps, "TRAIN_STEPS")
@@ -111,11 +115,11 @@ def _train(workdir: str, config: RunConfig, guard: preemption.PreemptionGuard,
                                                **run.data_kwargs)
     eval_source = (setup.objective.open_source(config.eval_data, role="eval")
                    if config.eval_data else None)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+    ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"),
                                       save_every=config.checkpoint_every,
                                       keep=config.keep_checkpoints,
                                       async_save=config.async_checkpoints)
-    best = (checkpointing.BestCheckpoint(os.path.join(workdir, "best"), config.best_metric)
+    best = (checkpointing.BestCheckpoint(storage.join(workdir, "best"), config.best_metric)
             if config.best_metric else None)
     # Restore: DIR's last checkpoint, else a fresh (or INIT_CHECKPOINT) state.
     resume_step = ckpt.latest_step()
@@ -129,7 +133,7 @@ def _train(workdir: str, config: RunConfig, guard: preemption.PreemptionGuard,
                            make_eval_step(setup), predict_step)
                  if eval_source is not None else None)
     loop = _Loop(workdir, run, guard, ckpt, best, evaluator, train_iter,
-                 make_train_step(setup, config.microbatches), dog, profile_steps)
+                 make_train_step(setup, config.microbatches), dog, lock, profile_steps)
     state, last, done, preempted = loop.run(state, start)
     # Save: test predictions (with the best params) and the completion marker.
     if preempted:
@@ -206,10 +210,11 @@ class _Loop:
     def __init__(self, workdir: str, run: _Run, guard: preemption.PreemptionGuard,
                  ckpt: checkpointing.Checkpointer, best: checkpointing.BestCheckpoint | None,
                  evaluator: Evaluator | None, train_iter: Any, train_step: Any,
-                 watchdog: watchdog_lib.Watchdog, profile_steps: profiling.Window | None = None):
-        self.workdir, self.guard, self.watchdog = workdir, guard, watchdog
+                 watchdog: watchdog_lib.Watchdog, lock: workdir_lib.WorkdirLock,
+                 profile_steps: profiling.Window | None = None):
+        self.workdir, self.guard, self.watchdog, self.lock = workdir, guard, watchdog, lock
         self.profiler = profiling.StepProfiler(
-            profile_steps, os.path.join(workdir, "profile"),
+            profile_steps, storage.join(workdir, "profile"),
             announce=logging.info if jax.process_index() == 0 else None)
         self.config, self.schedule, self.setup = run.config, run.schedule, run.setup
         self.ckpt, self.best, self.evaluator = ckpt, best, evaluator
@@ -247,6 +252,7 @@ class _Loop:
                 with self.watchdog.phase("preemption sync", done):
                     stop = _preemption_requested(self.guard, log_now, jax.process_count())
                 if log_now or stop:
+                    self.lock.check()  # a run whose gs:// lease was taken over writes nothing
                     writer.write(done, self._log(done, state, log, eval_now, bar))
                 bar.update(1)
                 self._maybe_save(done, state, log, force=done == num_steps or stop)
@@ -292,6 +298,7 @@ class _Loop:
             return
         if log.stop_on_nonfinite and log.pending:  # never checkpoint past an unchecked bad step
             log.check_finite([float(f) for f in to_host([m["nonfinite"][0] for m in log.pending])])
+        self.lock.check()
         with self.watchdog.phase("checkpoint save", done):
             self.ckpt.save(done, state, self.train_iter.get_state(), force=force)
 
@@ -334,7 +341,7 @@ class _TrainLog:
         self.ckpt.close()  # let in-flight saves (all before the bad step) commit
         good = self.ckpt.latest_step()
         where = (f"the last good checkpoint is step {good} "
-                 f"({os.path.join(self.ckpt.directory, str(good))})"
+                 f"({storage.join(self.ckpt.directory, str(good))})"
                  if good is not None else "there is no checkpoint yet")
         raise errors.NonFiniteError(
             f"non-finite loss or gradient (NaN/Inf) at step {bad[0]} in {self.workdir}; that "
@@ -358,7 +365,7 @@ def _preemption_requested(guard: preemption.PreemptionGuard, log_now: bool, npro
 def _report_preemption(guard: preemption.PreemptionGuard, ckpt: checkpointing.Checkpointer,
                        done: int, num_steps: int) -> None:
     msg = (f"stopped by {guard.signal_name} at step {done} of {num_steps}; checkpoint saved to "
-           f"{os.path.join(ckpt.directory, str(done))}. Resume by re-running the same command "
+           f"{storage.join(ckpt.directory, str(done))}. Resume by re-running the same command "
            f"(same --workdir): {preemption.resume_command()}")
     logging.warning(msg)
     if jax.process_index() == 0:
@@ -396,7 +403,7 @@ def _write_run_files(workdir: str, setup: Setup, *, vocab: str, seq_len: int) ->
     workdir_lib.write_config(workdir, gin.operative_config_str())
     workdir_lib.write_run_info(workdir, {
         "model_config": dataclasses.asdict(setup.cfg), "objective": setup.objective.name,
-        "vocab": os.path.abspath(vocab), "seq_len": seq_len,
+        "vocab": storage.resolve(vocab), "seq_len": seq_len,
         "tokenizer": workdir_lib.tokenizer_fingerprint(setup.tokenizer)})
 
 

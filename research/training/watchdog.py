@@ -42,10 +42,12 @@ import faulthandler
 import os
 import socket
 import statistics
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Iterator
 
+from research import storage
 from research.errors import HangError
 
 AUTO_MIN_S = 600.0
@@ -58,9 +60,32 @@ TEST_SLEEP_ENV = "RESEARCH_TEST_SLEEP_AT_STEP"
 TRAIN_STEP = "train step"
 
 
+UPLOAD_TIMEOUT_S = 30.0
+
+
+def _upload_within(local: str, path: str, timeout_s: float) -> str:
+    """Copies the stacks file to object storage in a daemon thread, waiting at most
+    `timeout_s` (storage itself may be what hangs); says where the stacks are."""
+    failed: list[BaseException] = []
+
+    def copy() -> None:
+        try:
+            storage.upload(local, path)
+        except BaseException as err:  # noqa: BLE001 - reported in the error line
+            failed.append(err)
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive() or failed:
+        why = f"{failed[0]}" if failed else f"no answer in {timeout_s:g}s"
+        return f"Python stacks of all threads in {local} (copying them to {path} failed: {why})"
+    return f"Python stacks of all threads in {path}"
+
+
 def hang_file(directory: str, host: int, step: int) -> str:
     """DIR/hang-<host>-<step>.txt: where process `host` writes its stacks for a hang in `step`."""
-    return os.path.join(directory, f"hang-{host}-{step}.txt")
+    return storage.join(directory, f"hang-{host}-{step}.txt")
 
 
 def _stderr_line(text: str) -> None:
@@ -232,8 +257,11 @@ class Watchdog:
         """Writes the stacks file, prints the `error:` line and exits (see the module doc)."""
         path = hang_file(self.directory, self.host, step)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        # faulthandler needs a real file: on object storage the stacks go to a local file first.
+        local = (os.path.join(tempfile.gettempdir(), os.path.basename(path))
+                 if storage.is_remote(path) else path)
         try:
-            with open(path, "w", encoding="utf-8") as f:
+            with open(local, "w", encoding="utf-8") as f:
                 f.write(f"hang: {name} of step {step} ran {elapsed:.1f}s, past its {limit:g}s "
                         f"limit (train.hang_timeout_s); process {self.host}, pid {os.getpid()}, "
                         f"host {socket.gethostname()}, {stamp}\n"
@@ -241,7 +269,10 @@ class Watchdog:
                         "Python), most recent call first:\n\n")
                 f.flush()
                 faulthandler.dump_traceback(f, all_threads=True)
-            where = f"Python stacks of all threads in {path}"
+            if local != path:
+                where = _upload_within(local, path, UPLOAD_TIMEOUT_S)
+            else:
+                where = f"Python stacks of all threads in {path}"
         except OSError as err:
             where = f"could not write {path} ({err.strerror or err})"
         self.fired = path

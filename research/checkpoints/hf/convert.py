@@ -17,15 +17,17 @@ BertPretrainer / SequenceClassifier params) and research.checkpoints.hf.gpt2 (`m
 gpt2`, CausalLM params). Import dispatches on config.json's model_type, export on the first
 family whose `can_export(cfg)` holds (bidirectional configs: BERT, causal ones: GPT-2). Adding
 a family means adding its module and one entry here. How tensors move: research.checkpoints.hf.rules.
+
+Every directory may be local or an object-store URL (`gs://bkt/hf/bert`, through
+`research.storage`; Orbax writes and reads the checkpoint at the URL itself).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
 
+from research import storage
 from research.checkpoints import manager
 from research.checkpoints.errors import (
     CheckpointNotFoundError, ConversionError, OutputExistsError)
@@ -56,7 +58,7 @@ def from_hf(directory: str) -> Converted:
     hf_config, state = read_hf_dir(directory)
     model_type = hf_config.get("model_type")
     if model_type not in FAMILIES:
-        raise ConversionError(f"{os.path.join(directory, CONFIG_FILE)} has "
+        raise ConversionError(f"{storage.join(directory, CONFIG_FILE)} has "
                               f"model_type={model_type!r}; this converter supports "
                               f"{list(SUPPORTED_MODEL_TYPES)}.")
     return FAMILIES[model_type].from_hf(hf_config, state)
@@ -118,34 +120,34 @@ def _vocab_info(vocab: str | None) -> dict[str, int]:
 
 def _check_output(out: str, marker: str, overwrite: bool) -> None:
     """Raises if OUT already holds `marker` (a checkpoint, weights) and `overwrite` is off."""
-    if os.path.exists(os.path.join(out, marker)) and not overwrite:
+    if storage.exists(storage.join(out, marker)) and not overwrite:
         raise OutputExistsError(f"{out} already holds {marker}; pass --overwrite to replace it "
                                 "or choose an empty directory.")
 
 
 def _clear_output(out: str, marker: str) -> None:
     """Removes OUT/marker (after a successful conversion, before writing the new one)."""
-    path = os.path.join(out, marker)
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.remove(path)
-    os.makedirs(out, exist_ok=True)
+    path = storage.join(out, marker)
+    if storage.isdir(path):
+        storage.rmtree(path)
+    elif storage.exists(path):
+        storage.remove(path)
+    storage.makedirs(out)
 
 
 def _write_run_files(out: str, converted: Converted, hf_dir: str) -> None:
     """OUT/run.json (model_config, objective, vocab, source) and OUT/model.gin."""
-    hf_dir = os.path.abspath(hf_dir)
-    vocab = os.path.join(hf_dir, "vocab.txt")
+    hf_dir = storage.resolve(hf_dir)
+    vocab = storage.join(hf_dir, "vocab.txt")
     info = {"model_config": dataclasses.asdict(converted.cfg), "objective": converted.objective,
-            "vocab": vocab if os.path.exists(vocab) else None,
+            "vocab": vocab if storage.exists(vocab) else None,
             "source": {"hf_dir": hf_dir, "model_type": converted.model_type}}
     if converted.num_labels:
         info["num_labels"] = converted.num_labels
     write_run_info(out, info)
     header = (f"Converted from the Hugging Face {converted.model_type} checkpoint {hf_dir}\n"
               f"by tools/convert_checkpoint.py (objective: {converted.objective}).")
-    write_text(os.path.join(out, MODEL_GIN_FILE), model_gin(converted.cfg, header))
+    write_text(storage.join(out, MODEL_GIN_FILE), model_gin(converted.cfg, header))
 
 
 def convert_from_hf(hf_dir: str, out: str, *, scan_layers: bool = False,
@@ -162,19 +164,20 @@ def convert_from_hf(hf_dir: str, out: str, *, scan_layers: bool = False,
         params = stack_layers(converted.params, stack_root(cfg), cfg.num_layers)
         converted = dataclasses.replace(converted, cfg=cfg, params=params)
     _clear_output(out, "checkpoints")
-    manager.save_params(os.path.join(os.path.abspath(out), "checkpoints"), nest(converted.params))
+    manager.save_params(storage.join(storage.resolve(out), "checkpoints"), nest(converted.params))
     _write_run_files(out, converted, hf_dir)
     return converted
 
 
 def _copy_wordpiece_files(vocab: str | None, hf_dir: str) -> None:
     """Copies a WordPiece vocab.txt (and the tokenizer_config.json beside it) into HF_DIR."""
-    if not (vocab and vocab.endswith(".txt") and os.path.exists(vocab)):
+    if not (vocab and vocab.endswith(".txt") and storage.exists(vocab)):
         return
-    shutil.copyfile(vocab, os.path.join(hf_dir, "vocab.txt"))
-    config = os.path.join(os.path.dirname(vocab), "tokenizer_config.json")
-    if os.path.exists(config):
-        shutil.copyfile(config, os.path.join(hf_dir, "tokenizer_config.json"))
+    storage.write_bytes(storage.join(hf_dir, "vocab.txt"), storage.read_bytes(vocab))
+    config = storage.join(storage.dirname(vocab), "tokenizer_config.json")
+    if storage.exists(config):
+        storage.write_bytes(storage.join(hf_dir, "tokenizer_config.json"),
+                            storage.read_bytes(config))
 
 
 def convert_to_hf(checkpoint: str, hf_dir: str, *, overwrite: bool = False) -> dict:

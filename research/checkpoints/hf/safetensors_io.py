@@ -3,17 +3,20 @@ one `model.safetensors` or shards listed in `model.safetensors.index.json`.
 
 State dicts are flat {HF key: numpy array}. bfloat16 tensors (which `safetensors.numpy`
 cannot represent) are read via ml_dtypes; writing stores what it is given (float32 here).
+
+A directory may be local or an object-store URL (`gs://...`, through `research.storage`); a
+remote weights file is read into memory whole (as loading it locally does anyway).
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, load_file, save, save_file
 
+from research import storage
 from research.checkpoints.errors import CheckpointNotFoundError
 from research.checkpoints.hf.rules import Flat
 
@@ -29,32 +32,35 @@ _DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
 
 def read_hf_dir(directory: str) -> tuple[dict, Flat]:
     """(config.json as a dict, state dict as numpy arrays) of a HF checkpoint directory."""
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
+        storage.check_bucket(directory)
         raise CheckpointNotFoundError(
             f"--from_hf {directory!r} is not a directory; pass the folder holding {CONFIG_FILE} "
             f"and {WEIGHTS_FILE}.")
-    config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(config_path):
+    config_path = storage.join(directory, CONFIG_FILE)
+    if not storage.exists(config_path):
         raise CheckpointNotFoundError(
             f"{config_path} not found: a Hugging Face checkpoint directory needs {CONFIG_FILE} "
             f"(model_type, sizes) next to {WEIGHTS_FILE}.")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = json.loads(storage.read_text(config_path))
     return config, read_safetensors(directory)
 
 
 def load_safetensors_file(path: str) -> Flat:
-    """All tensors of one .safetensors file as numpy arrays. bfloat16 tensors, which
-    `safetensors.numpy` cannot represent, are read from the raw buffer via ml_dtypes."""
+    """All tensors of one .safetensors file (local or a URL) as numpy arrays. bfloat16
+    tensors, which `safetensors.numpy` cannot represent, are read from the raw buffer via
+    ml_dtypes."""
+    raw = storage.read_bytes(path) if storage.is_remote(path) else None
     try:
-        return dict(load_file(path))
+        return dict(load(raw) if raw is not None else load_file(path))
     except TypeError as e:
         if "bfloat16" not in str(e):
             raise
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        data = f.read()
+    if raw is None:
+        raw = storage.read_bytes(path)
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    data = raw[8 + header_len:]
     out: Flat = {}
     for name, spec in header.items():
         if name == "__metadata__":
@@ -66,19 +72,18 @@ def load_safetensors_file(path: str) -> Flat:
 
 def read_safetensors(directory: str) -> Flat:
     """The state dict of `directory/model.safetensors`, or of the shards its index lists."""
-    single = os.path.join(directory, WEIGHTS_FILE)
-    index = os.path.join(directory, WEIGHTS_INDEX_FILE)
-    if os.path.exists(single):
+    single = storage.join(directory, WEIGHTS_FILE)
+    index = storage.join(directory, WEIGHTS_INDEX_FILE)
+    if storage.exists(single):
         return load_safetensors_file(single)
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+    if storage.exists(index):
+        shards = sorted(set(json.loads(storage.read_text(index))["weight_map"].values()))
         state: Flat = {}
         for shard in shards:
-            state.update(load_safetensors_file(os.path.join(directory, shard)))
+            state.update(load_safetensors_file(storage.join(directory, shard)))
         return state
     legacy = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
-              if os.path.exists(os.path.join(directory, n))]
+              if storage.exists(storage.join(directory, n))]
     hint = (f" It has {legacy[0]}: load it with transformers and re-save with "
             "model.save_pretrained(DIR, safe_serialization=True).") if legacy else ""
     raise CheckpointNotFoundError(f"{single} not found: the converter reads safetensors weights "
@@ -86,9 +91,14 @@ def read_safetensors(directory: str) -> Flat:
 
 
 def write_hf_dir(directory: str, config: dict, state: Flat) -> None:
-    """Writes `config.json` and `model.safetensors` (metadata format=pt, as transformers writes)."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
-              os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+    """Writes `config.json` and `model.safetensors` (metadata format=pt, as transformers
+    writes) into a local directory or a URL prefix."""
+    storage.makedirs(directory)
+    storage.write_text(storage.join(directory, CONFIG_FILE),
+                       json.dumps(config, indent=2, sort_keys=True))
+    tensors = {k: np.ascontiguousarray(v) for k, v in state.items()}
+    weights = storage.join(directory, WEIGHTS_FILE)
+    if storage.is_remote(directory):
+        storage.write_bytes(weights, save(tensors, metadata={"format": "pt"}))
+    else:
+        save_file(tensors, weights, metadata={"format": "pt"})

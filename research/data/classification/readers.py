@@ -1,4 +1,5 @@
-"""Readers of labelled rows: tsv / csv / jsonl files and prepared TFDS datasets.
+"""Readers of labelled rows: tsv / csv / jsonl files (local or `gs://...`, read through
+`research.storage`) and prepared TFDS datasets.
 
 Each reader appends to a `RawRows`: the texts of every row (one string per text field) and
 its raw label as read (a string, number, None, ...), plus where the row came from, so that
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from research import storage
 from research.data.local_builder import DataSourceError
 from research.data.sources import tfds_builder, tfds_data_source
 
@@ -60,7 +63,7 @@ def _read_file(fmt: str, path: str, text_fields: tuple[str, ...], label_field: s
     rows.sources.append(path)
     before = len(rows.texts)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with _open_text(path) as f:
             if fmt == "jsonl":
                 _read_jsonl(f, path, src, text_fields, label_field, allow_unlabeled, rows)
             else:
@@ -76,6 +79,14 @@ def _read_file(fmt: str, path: str, text_fields: tuple[str, ...], label_field: s
             f"{path} is empty (no data rows). Remove it from the glob or fill it in"
             + ("; a tsv/csv file needs a header row and at least one data row."
                if fmt != "jsonl" else "."))
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    """`path` (a local file or an object-store URL) as UTF-8 text (a BOM is dropped),
+    newlines untranslated (the csv module handles them)."""
+    if not storage.is_remote(path):
+        return open(path, newline="", encoding="utf-8-sig")
+    return io.TextIOWrapper(storage.open_file(path, "rb"), newline="", encoding="utf-8-sig")
 
 
 def _read_delimited(f, fmt: str, path: str, src: int, text_fields: tuple[str, ...],
