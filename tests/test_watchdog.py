@@ -17,7 +17,7 @@ import pytest
 from research.errors import HangError, InvalidConfigError
 from research.training import watchdog as wd
 
-from .conftest import ROOT
+from .conftest import ROOT, ChildProcesses
 
 
 class FakeClock:
@@ -205,16 +205,30 @@ ARGS = [
 ]
 
 
-def run(workdir, sleep_at=None):
-    """research.train into `workdir`, with the watchdog's test hook `sleep_at` ("K:SECONDS")
-    or without; subprocess.run kills the child if it outlives the timeout."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
-    env.pop(wd.TEST_SLEEP_ENV, None)
+def env(cache_dir, sleep_at=None):
+    """The CLI runs' environment, with the watchdog's test hook `sleep_at` ("K:SECONDS") or
+    without. The runs share a JAX compilation cache in `cache_dir`: the resumed run loads the
+    executables the first runs compiled (the same programs, so the same bits) instead of
+    compiling them again."""
+    out = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    out.pop(wd.TEST_SLEEP_ENV, None)
     if sleep_at:
-        env[wd.TEST_SLEEP_ENV] = sleep_at
-    return subprocess.run([sys.executable, *ARGS, f"--workdir={workdir}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+        out[wd.TEST_SLEEP_ENV] = sleep_at
+    return out
+
+
+def command(workdir):
+    return [sys.executable, *ARGS, f"--workdir={workdir}"]
+
+
+def run(workdir, cache_dir):
+    """research.train into `workdir` (see `env`); subprocess.run kills the child if it outlives
+    the timeout."""
+    return subprocess.run(command(workdir), cwd=ROOT, env=env(cache_dir), capture_output=True,
+                          text=True, timeout=300)
 
 
 def losses(workdir):
@@ -223,8 +237,14 @@ def losses(workdir):
 
 
 def test_a_hung_step_exits_with_stacks_and_the_rerun_resumes_exactly(tmp_path):
-    hung = tmp_path / "hung"
-    proc = run(hung, sleep_at=f"{HANG_STEP}:120")
+    hung, straight, cache = tmp_path / "hung", tmp_path / "straight", tmp_path / "jax_cache"
+    # The uninterrupted reference run goes alongside the hung one (it uses the CPU while the
+    # hung run sleeps out its watchdog limit); each is bounded (ChildProcesses: a hang fails
+    # the test with its stacks).
+    with ChildProcesses([command(hung)], env=env(cache, f"{HANG_STEP}:120")) as hung_child, \
+            ChildProcesses([command(straight)], env=env(cache)) as straight_child:
+        proc, = hung_child.wait(300)
+        reference, = straight_child.wait(300)
     assert proc.returncode == HangError.exit_code, proc.stderr[-4000:]
     path = wd.hang_file(str(hung), 0, HANG_STEP)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -237,11 +257,10 @@ def test_a_hung_step_exits_with_stacks_and_the_rerun_resumes_exactly(tmp_path):
     saved = sorted(int(p.name) for p in (hung / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and max(saved) < HANG_STEP
 
-    resumed = run(hung)  # the same command, without the hang: resumes and finishes
+    resumed = run(hung, cache)  # the same command, without the hang: resumes and finishes
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from step" in resumed.stderr
-    straight = tmp_path / "straight"
-    assert run(straight).returncode == 0
+    assert reference.returncode == 0, reference.stderr[-4000:]
     # Bitwise: same program, same restored bits (params, optimizer, RNG, data position).
     assert losses(hung) == losses(straight)
     assert [s for s, _ in losses(hung)] == list(range(1, STEPS + 1))
