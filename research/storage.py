@@ -32,6 +32,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -250,8 +251,9 @@ def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8")
 
 
-# URL -> the text this process last wrote there via append_text/write_text, so an append
-# needs no download. Only one writer per object (the workdir lock) makes this exact.
+# URL -> the text this process last appended there, so the next append needs no download
+# (only appended objects are kept: run logs, not checkpoints or shards). One writer per object
+# (the workdir lock) makes this exact; any other write or delete through here forgets it.
 _written: dict[str, bytes] = {}
 
 
@@ -259,15 +261,15 @@ def write_bytes(path: str, data: bytes) -> None:
     """Writes the whole file atomically: a reader sees the old or the new content, never half."""
     if not is_remote(path):
         local = _local(path)
-        tmp = f"{local}.tmp{os.getpid()}"
+        tmp = f"{local}.tmp{os.getpid()}.{threading.get_ident()}"
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, local)
         return
     fs, p = filesystem(path)
+    _written.pop(resolve(path), None)
     with errors(path, "write"):
         fs.pipe_file(p, data)
-    _written[resolve(path)] = data
 
 
 def write_text(path: str, text: str) -> None:
@@ -282,9 +284,10 @@ def append_text(path: str, text: str) -> None:
             f.write(text)
         return
     key = resolve(path)
-    if key not in _written:
-        _written[key] = read_bytes(path) if exists(path) else b""
-    write_bytes(path, _written[key] + text.encode("utf-8"))
+    before = _written[key] if key in _written else (read_bytes(path) if exists(path) else b"")
+    after = before + text.encode("utf-8")
+    write_bytes(path, after)
+    _written[key] = after
 
 
 def remove(path: str) -> None:
