@@ -36,10 +36,12 @@ import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
-from research.errors import ConfigError
+from research.errors import ConfigError, UserError
 
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# An HTTP status code standing alone in an error message (not inside a path or an object id).
+_STATUS = re.compile(r"(?<![\w/.%-])(40[134])(?![\w/.%-])")
 
 
 class StorageError(ConfigError):
@@ -151,7 +153,7 @@ def errors(path: str, action: str) -> Iterator[None]:
     `path` into a StorageError naming both and the fix. Local OSErrors pass through."""
     try:
         yield
-    except StorageError:
+    except UserError:  # ours (StorageError, a lease refusal...): already says what to do
         raise
     except Exception as err:  # gcsfs/aiohttp/google-api errors have no common base
         if not is_remote(path):
@@ -159,13 +161,14 @@ def errors(path: str, action: str) -> Iterator[None]:
         text = f"{type(err).__name__}: {err}"
         low = text.lower()
         bucket = _bucket(path)
-        if "403" in text or "401" in text or "permission" in low or "forbidden" in low \
+        statuses = set(_STATUS.findall(text)) | {str(getattr(err, "code", ""))}
+        if statuses & {"401", "403"} or "permission" in low or "forbidden" in low \
                 or "unauthori" in low or isinstance(err, PermissionError):
             raise StorageError(
                 f"cannot {action} {path}: access denied on bucket {bucket!r} ({text.splitlines()[0][:200]}). "
                 f"Grant this machine's account read/write on gs://{bucket} (roles/storage.objectAdmin) "
                 "or pick a path you can write.") from None
-        if "bucket" in low and ("not found" in low or "does not exist" in low or "404" in text) \
+        if "bucket" in low and ("not found" in low or "does not exist" in low or "404" in statuses) \
                 or isinstance(err, FileNotFoundError) and (action.startswith("write")
                                                            or not _bucket_exists(path)):
             raise StorageError(

@@ -81,3 +81,17 @@ def test_paths():
     assert storage.basename("gs://b/run/") == "run" and storage.dirname("gs://b/run/x") == "gs://b/run"
     with pytest.raises(storage.StorageError, match="no filesystem for nosuch://"):
         storage.exists("nosuch://b/x")
+
+
+def test_status_codes_inside_paths_are_not_taken_for_http_errors(gcs_server):
+    """An object id with '403' in it (d70c3403e601) is no 'access denied'; our own errors pass."""
+    from research.errors import WorkdirLockedError
+    with pytest.raises(WorkdirLockedError):
+        with storage.errors("gs://bkt/d70c3403e601/.lock", "write"):
+            raise WorkdirLockedError("gs://bkt/d70c3403e601 is in use")
+    with pytest.raises(ValueError, match="d70c3403e601"):
+        with storage.errors("gs://bkt/d70c3403e601/x", "read"):
+            raise ValueError("bad thing at b/bkt/o/d70c3403e601%2Fx")
+    with pytest.raises(storage.StorageError, match="access denied on bucket 'bkt'"):
+        with storage.errors("gs://bkt/x", "write"):
+            raise OSError("Forbidden: 403 caller does not have storage.objects.create")
