@@ -3,6 +3,7 @@
 # the shipped model configs, their configured dropout and default flags; a Markdown table last.
 #
 #   bash experiments/gpu_benchmark.sh [--wheels DIR] [--out DIR] [--profile] [--tests] [--only NAME]
+#       [--variants V1,V2,...] [--no_peers] [--probe]
 #
 # Cases: gpt_medium and gpt_small at batch 16 x 1024 (GPT-2's vocabulary, 50304 after padding)
 # and bert_base (MLM + NSP) at batch 32 x 512 (vocabulary 30522); `--only gpt_medium_nodropout`
@@ -21,20 +22,49 @@
 # and prints where the device time went (python -m research.trace_summary). --tests first runs
 # the GPU-only tests of the cuDNN attention path (forward, gradients, fallback, dropout masks).
 # --only NAME runs one case.
+#
+# Tuning A/B: --variants runs each case once per named variant (ours only with --no_peers), each
+# a change of gin bindings or XLA flags against the defaults, and prints one line per run:
+#   default          the shipped defaults
+#   guard_cond       update_guard.kind='cond' (the CPU's non-finite guard: a branch)
+#   scan             TransformerConfig.scan_layers=True (one scanned layer body)
+#   dropout16        TransformerConfig.dropout_bits=16 (the CPU's 16-bit dropout bits)
+#   no_triton_gemm   XLA_FLAGS+=--xla_gpu_enable_triton_gemm=false (cuBLAS for every GEMM)
+#   no_cmd_buffer    XLA_FLAGS+=--xla_gpu_enable_command_buffer= (no CUDA graphs)
+# Logs: OUT/NAME.VARIANT.log. --probe runs experiments/cudnn_dropout_probe.py first (whether
+# cuDNN's fused attention dropout runs on this GPU, under which flags).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS="" OUT="runs/gpu_benchmark" PROFILE=0 ONLY="" TESTS=0
+WHEELS="" OUT="runs/gpu_benchmark" PROFILE=0 ONLY="" TESTS=0 VARIANTS="" PEERS=1 PROBE=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --variants) VARIANTS="$2"; shift 2 ;;
+    --no_peers) PEERS=0; shift ;;
+    --probe) PROBE=1; shift ;;
     --wheels) WHEELS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --profile) PROFILE=1; shift ;;
     --only) ONLY="$2"; shift 2 ;;
     --tests) TESTS=1; shift ;;
-    *) echo "error: unknown argument '$1'; use --wheels DIR, --out DIR, --profile, --tests, --only NAME" >&2
+    *) echo "error: unknown argument '$1'; use --wheels DIR, --out DIR, --profile, --tests, --only NAME," \
+            "--variants V1,V2, --no_peers, --probe" >&2
        exit 2 ;;
   esac
+done
+# variant -> "gin bindings|XLA flags"
+declare -A VARIANT_ARGS=(
+  [default]="|"
+  [guard_cond]="--gin.update_guard.kind='cond'|"
+  [scan]="--gin.TransformerConfig.scan_layers=True|"
+  [dropout16]="--gin.TransformerConfig.dropout_bits=16|"
+  [no_triton_gemm]="|--xla_gpu_enable_triton_gemm=false"
+  [no_cmd_buffer]="|--xla_gpu_enable_command_buffer="
+)
+IFS=, read -r -a VARIANT_LIST <<<"$VARIANTS"
+for v in "${VARIANT_LIST[@]}"; do
+  [ -n "${VARIANT_ARGS[$v]:-}" ] || {
+    echo "error: --variants: $v is not one of: ${!VARIANT_ARGS[*]}" >&2; exit 2; }
 done
 PY="${PYTHON:-python3}"
 
@@ -57,6 +87,10 @@ fi
 mkdir -p "$OUT"
 "$PY" -c "import jax; d = jax.devices()[0]; print(f'JAX {jax.__version__} on {d.device_kind} ({d.platform})')"
 
+if [ "$PROBE" = 1 ]; then
+  "$PY" experiments/cudnn_dropout_probe.py
+fi
+
 if [ "$TESTS" = 1 ]; then
   # tests/conftest.py defaults JAX to the CPU; these tests need the GPU
   JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}" timeout 300 "$PY" -m pytest -q -p no:cacheprovider \
@@ -78,18 +112,45 @@ if [ -n "$ONLY" ]; then
   ORDER=("$ONLY")
 fi
 
-for name in "${ORDER[@]}"; do
+run_case() {  # NAME LOG [extra args...]: one research.benchmark run, its JSON and a summary line
+  local name="$1" log="$2"; shift 2
   # shellcheck disable=SC2086
-  args=(${CASES[$name]} --steps 10 --warmup 3 --compare=hf_torch,hf_torch_compile)
-  if [ "$PROFILE" = 1 ]; then
-    args+=(--profile_steps=5:7 --profile_dir="$OUT/$name.profile")
-  fi
+  local args=(${CASES[$name]} --steps 10 --warmup 3 "$@")
+  local start rc
   start=$(date +%s)
-  timeout 300 "$PY" -m research.benchmark "${args[@]}" >"$OUT/$name.log" 2>&1
+  timeout 300 "$PY" -m research.benchmark "${args[@]}" >"$log" 2>&1
   rc=$?
-  grep '^{' "$OUT/$name.log" | tail -n 1 >"$OUT/$name.json"
-  echo "$name: exit $rc in $(( $(date +%s) - start )) s; $(grep -E '^(step time|MFU|ours / )' "$OUT/$name.log" | tr '\n' ' ')"
-  [ "$rc" = 0 ] || tail -n 5 "$OUT/$name.log"
+  grep '^{' "$log" | tail -n 1 >"${log%.log}.json"
+  echo "$(basename "${log%.log}"): exit $rc in $(( $(date +%s) - start )) s;" \
+       "$(grep -E '^(compile time|step time|MFU|ours / )' "$log" | tr -s ' ' | tr '\n' ' ')"
+  [ "$rc" = 0 ] || tail -n 5 "$log"
+}
+
+if [ -n "$VARIANTS" ]; then
+  for name in "${ORDER[@]}"; do
+    for v in "${VARIANT_LIST[@]}"; do
+      gin_args="${VARIANT_ARGS[$v]%%|*}" xla="${VARIANT_ARGS[$v]#*|}"
+      peers=()
+      [ "$PEERS" = 1 ] && peers=(--compare=hf_torch,hf_torch_compile)
+      if [ -n "$xla" ]; then
+        # shellcheck disable=SC2086
+        XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$xla" run_case "$name" "$OUT/$name.$v.log" $gin_args "${peers[@]}"
+      else
+        # shellcheck disable=SC2086
+        run_case "$name" "$OUT/$name.$v.log" $gin_args "${peers[@]}"
+      fi
+    done
+  done
+  exit 0
+fi
+
+for name in "${ORDER[@]}"; do
+  extra=()
+  [ "$PEERS" = 1 ] && extra+=(--compare=hf_torch,hf_torch_compile)
+  if [ "$PROFILE" = 1 ]; then
+    extra+=(--profile_steps=5:7 --profile_dir="$OUT/$name.profile")
+  fi
+  run_case "$name" "$OUT/$name.log" "${extra[@]}"
   if [ "$PROFILE" = 1 ] && [ -d "$OUT/$name.profile" ]; then
     "$PY" -m research.trace_summary "$OUT/$name.profile" --top 12
   fi

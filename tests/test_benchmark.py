@@ -4,6 +4,7 @@ No timing assertions: the CLI runs are checked for their output, not their speed
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -339,3 +340,30 @@ def test_gpu_float32_peak_is_tf32():
     peak, source = benchmark.device_peak_flops(device, "float32")
     known = any(key in device.device_kind.lower() for key, _ in benchmark.PEAK_TF32_FLOPS)
     assert source.startswith("tf32 table") if known else np.isnan(peak)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_time_steps_times_each_step_once(pipelined):
+    """Blocking and pipelined timing both give one time per timed step; pipelined runs two
+    extra untimed steps (fill and drain) and never waits on a donated state."""
+    import jax
+    import jax.numpy as jnp
+
+    from research.benchmark import pipelined_timing, time_steps
+
+    calls = []
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def step(state, batch):
+        return state + batch, {"loss": jnp.sum(state)}
+
+    def counted(state, batch):
+        calls.append(1)
+        return step(state, batch)
+
+    state, metrics, times = time_steps(counted, jnp.zeros(4), jnp.ones(4), 5, pipelined=pipelined)
+    assert len(times) == 5 and all(t > 0 for t in times)
+    assert len(calls) == (7 if pipelined else 5)
+    np.testing.assert_array_equal(np.asarray(state), np.full(4, len(calls), np.float32))
+    assert float(metrics["loss"]) == 4 * (len(calls) - 1)
+    assert pipelined_timing("gpu") and pipelined_timing("tpu") and not pipelined_timing("cpu")

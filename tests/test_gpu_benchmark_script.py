@@ -23,6 +23,8 @@ def test_script_refuses_bad_arguments_with_one_error_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: --wheels {tmp_path} holds no .whl files; pass the folder with the downloaded wheels"]
+    proc = run_script("--variants", "scan,fast")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --variants: fast is not one of")
 
 
 def result(**overrides):

@@ -250,7 +250,8 @@ def test_correct_macro_override_parses(clean_gin):
     assert gin.query_parameter("%TRAIN_STEPS") == 5
 
 
-def test_a_nonfinite_step_leaves_params_and_optimizer_unchanged():
+@pytest.mark.parametrize("guard", ["cond", "select"])
+def test_a_nonfinite_step_leaves_params_and_optimizer_unchanged(guard):
     from research.training import partitioning
     from research.data.causal_lm import make_causal_lm_iterator
     from research.data.sources import DocumentList
@@ -267,10 +268,13 @@ def test_a_nonfinite_step_leaves_params_and_optimizer_unchanged():
                         num_steps=10, warmup_steps=0)
     it = make_causal_lm_iterator(DocumentList(austen_paragraphs(100)), setup.tokenizer,
                                  seq_len=32, global_batch_size=8, seed=0)
-    step = make_train_step(setup)
+    step = make_train_step(setup, guard=guard)
     state = setup.init_state()
     with partitioning.mesh_rules(setup.mesh, setup.rules):
-        state, m = step(state, partitioning.global_batch(next(it), setup.mesh))  # a good step
+        first = partitioning.global_batch(next(it), setup.mesh)
+        # the select guard leaves no conditional for XLA:GPU to read back to the host
+        assert ("stablehlo.case" in step.lower(state, first).as_text()) == (guard == "cond")
+        state, m = step(state, first)  # a good step
         assert float(m["nonfinite"][0]) == 0.0
         leaves, treedef = jax.tree.flatten(state["params"])
         leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(np.inf)  # poison one weight
@@ -282,3 +286,15 @@ def test_a_nonfinite_step_leaves_params_and_optimizer_unchanged():
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(
             {k: after[k] for k in ("params", "opt_state")})):
         np.testing.assert_array_equal(np.asarray(b), a)
+
+
+def test_update_guard_is_a_branch_on_cpu_and_a_select_on_accelerators(clean_gin):
+    from research.training.steps import update_guard
+
+    assert update_guard(backend="cpu") == "cond"
+    assert update_guard(backend="gpu") == update_guard(backend="tpu") == "select"
+    assert update_guard("select", backend="cpu") == "select"
+    gin.bind_parameter("update_guard.kind", "cond")
+    assert update_guard(backend="gpu") == "cond"
+    with pytest.raises(errors.ConfigError, match="update_guard.kind='where' is not one of"):
+        update_guard("where")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from research.errors import ConfigError
 from research.objectives import losses
 from research.training import partitioning
 from research.training.setup import Setup, State
@@ -54,14 +56,39 @@ def _accumulated_grads(grad_fn: Callable, loss_fn: Callable, params: Any, batch:
     return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), metrics
 
 
-def make_train_step(setup: Setup, microbatches: int = 1):
+UPDATE_GUARDS = ("auto", "cond", "select")
+
+
+@gin.configurable
+def update_guard(kind: str = "auto", backend: str | None = None) -> str:
+    """How a non-finite step keeps params and optimizer state: 'cond' or 'select'.
+
+    'cond' (`lax.cond`) skips the optimizer update on a bad step; a finite step reads params
+    and optimizer state once. 'select' always computes the update and keeps the old values with
+    `where`, which XLA fuses into the update's own kernels. 'auto' (gin:
+    `update_guard.kind`) takes 'cond' on the CPU, where it was measured to help (gpt_small
+    step 4.81 -> 4.60 s on 2 cores), and 'select' on GPU/TPU: XLA:GPU reads a conditional's
+    predicate back to the host, which stalls the step until the backward pass is done and
+    launches the optimizer's kernels one by one outside any CUDA graph.
+    """
+    if kind not in UPDATE_GUARDS:
+        raise ConfigError(f"update_guard.kind={kind!r} is not one of {UPDATE_GUARDS}.")
+    if kind != "auto":
+        return kind
+    return "cond" if (backend or jax.default_backend()) == "cpu" else "select"
+
+
+def make_train_step(setup: Setup, microbatches: int = 1, guard: str | None = None):
     """The jitted update: (state, batch) -> (state, metric sums). The state is donated.
 
     A step whose loss or gradient norm is NaN/Inf leaves params and optimizer state unchanged
     (only the step counter moves) and reports metrics["nonfinite"] = (1, 1); the loop then stops
     or counts the skip (train.on_nonfinite). No extra host sync: the flag rides with the metrics.
+    How the old values are kept is `guard` ('cond', 'select'; None: `update_guard()`'s choice, a
+    branch on CPU and a select on GPU/TPU).
     """
     objective, model, optimizer = setup.objective, setup.model, setup.optimizer
+    guard = update_guard() if guard is None else update_guard(guard)
 
     def step_fn(state: State, batch: Batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
@@ -83,9 +110,12 @@ def make_train_step(setup: Setup, microbatches: int = 1):
             updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
             return optax.apply_updates(state["params"], updates), opt_state
 
-        # A branch, not a select: a finite step never reads params and optimizer state twice.
-        params, opt_state = jax.lax.cond(
-            finite, apply_update, lambda _: (state["params"], state["opt_state"]), None)
+        keep = (state["params"], state["opt_state"])
+        if guard == "cond":
+            params, opt_state = jax.lax.cond(finite, apply_update, lambda _: keep, None)
+        else:
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                             apply_update(None), keep)
         one = jnp.ones((), jnp.float32)
         metrics = dict(metrics)
         metrics["grad_norm"] = (grad_norm, one)
