@@ -1,17 +1,33 @@
-"""Sampling from an autoregressive checkpoint, with a KV cache.
+"""Text generation from an autoregressive checkpoint: greedy, sampling or beam search, with a
+KV cache, stop sequences and the model sharded over the devices.
 
   python -m research.generate --workdir=DIR --prompt="It is a truth" [--prompt=...]
       [--max_new_tokens=64] [--temperature=0.8] [--top_k=40] [--top_p=0.95] [--seed=0]
+      [--num_beams=4 --length_penalty=1.0 --early_stopping=false]
+      [--stop=TEXT ...] [--mesh_shape="{'tensor': -1}"] [--rules=PRESET] [--step=N]
 
 Prompts of different lengths are left-padded into one batch; padding is its own segment
 (id 0), so real tokens never attend to it, and positions count real tokens only.
-`temperature=0` is greedy decoding.
+`--temperature=0` is greedy decoding, token for token what Hugging Face `transformers`'
+`generate(do_sample=False)` gives. `--num_beams=K` (K > 1) is HF's beam search
+(`length_penalty` divides a finished hypothesis' summed log-probability by its generated
+length ** length_penalty, EOS counted; `early_stopping` false (HF's default heuristic), true or
+never); it is deterministic, so it takes no --temperature/--top_k/--top_p/--seed.
+
+A row ends at the tokenizer's EOS, after --max_new_tokens, or once its generated text contains
+a --stop string (repeatable); the text is printed cut before the stop.
+
+The parameters are sharded over a mesh of all devices (`--mesh_shape`, axes data, fsdp,
+tensor; default every device on `tensor`) by the run's logical-axis rules
+(`logical_axis_rules.preset` in DIR/config.gin, fsdp_tensor by default, `--rules` to
+override); the KV cache is sharded over batch (data x fsdp) and kv heads (tensor). A model
+larger than one device thus generates; the tokens equal one device's (tested on 8 CPU devices).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import ast
 import sys
 from typing import Sequence
 
@@ -24,124 +40,114 @@ from research import cli, logs, storage
 from research import workdir as workdir_lib
 from research.checkpoints.manager import Checkpointer
 from research.data.tokenizer import load_tokenizer
+from research.decoding import beam_search as beam_lib
+from research.decoding import sampling, stopping
+from research.decoding.cache import check_length, left_pad
+from research.decoding.layout import Layout, run_rules
+from research.decoding.sampling import sample_logits
 from research.errors import ConfigError
 from research.models.transformer import CausalLM, TransformerConfig
+from research.training.partitioning import RULE_PRESETS
+
+__all__ = ["generate", "left_pad", "load_for_generation", "main", "sample_logits"]
 
 NOT_A_RUN = "--workdir must be a directory written by python -m research.train"
+STOP_CHECK_EVERY = 8  # tokens generated between two host-side stop-string checks
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Returns tokens int32[B, P] and segment ids int32[B, P] (1 = prompt token, 0 = padding)."""
-    if any(len(p) == 0 for p in prompts):
-        raise ConfigError("every prompt needs at least one token (the tokenizer's BOS is "
-                          "prepended by the CLI, so pass text).")
-    width = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    segments = np.zeros((len(prompts), width), np.int32)
-    for row, p in enumerate(prompts):
-        tokens[row, width - len(p):] = p
-        segments[row, width - len(p):] = 1
-    return tokens, segments
-
-
-def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int,
-                  top_p: float) -> jax.Array:
-    """Draws one token per row from float logits [B, V]; temperature 0 means argmax."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-        cutoff_index = jnp.sum(before < top_p, axis=-1, keepdims=True) - 1  # keep >= 1 token
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "eos_id", "pad_id", "use_cache"))
-def _generate(model: CausalLM, params, tokens, segments, rng, *, max_new_tokens: int,
-              temperature: float, top_k: int, top_p: float, eos_id: int, pad_id: int,
-              use_cache: bool):
-    b, p = tokens.shape
-    positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
-    last_pos = positions[:, -1]
-    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-    done = jnp.zeros((b,), bool)
-
-    if use_cache:
-        cache_shapes = jax.eval_shape(
-            lambda: model.init(jax.random.key(0), tokens[:, :1], decode=True)["cache"])
-        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
-        logits, mutated = model.apply({"params": params, "cache": cache}, tokens,
-                                      segment_ids=segments, positions=positions, decode=True,
-                                      mutable=["cache"])
-        carry = (mutated["cache"], logits[:, -1], out, done, rng)
-
-        def body(i, carry):
-            cache, last_logits, out, done, rng = carry
-            rng, draw = jax.random.split(rng)
-            token = sample_logits(last_logits, draw, temperature, top_k, top_p)
-            token = jnp.where(done, pad_id, token)
-            out = out.at[:, i].set(token)
-            done = done | (token == eos_id)
-            logits, mutated = model.apply(
-                {"params": params, "cache": cache}, token[:, None],
-                segment_ids=jnp.ones((b, 1), jnp.int32), positions=(last_pos + 1 + i)[:, None],
-                decode=True, mutable=["cache"])
-            return mutated["cache"], logits[:, -1], out, done, rng
-
-        _, _, out, _, _ = jax.lax.fori_loop(0, max_new_tokens, body, carry)
-        return out
-
-    # Reference path without a cache: re-run the whole (growing) sequence every step.
-    seq = jnp.concatenate([tokens, jnp.full((b, max_new_tokens), pad_id, jnp.int32)], axis=1)
-    seg = jnp.concatenate([segments, jnp.ones((b, max_new_tokens), jnp.int32)], axis=1)
-    pos = jnp.concatenate([positions, last_pos[:, None] + 1 + jnp.arange(max_new_tokens)], axis=1)
-
-    def body_nocache(i, carry):
-        seq, out, done, rng = carry
-        rng, draw = jax.random.split(rng)
-        logits = model.apply({"params": params}, seq, segment_ids=seg, positions=pos)
-        last_logits = jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False)
-        token = sample_logits(last_logits, draw, temperature, top_k, top_p)
-        token = jnp.where(done, pad_id, token)
-        seq = jax.lax.dynamic_update_slice(seq, token[:, None], (0, p + i))
-        return seq, out.at[:, i].set(token), done | (token == eos_id), rng
-
-    _, out, _, _ = jax.lax.fori_loop(0, max_new_tokens, body_nocache, (seq, out, done, rng))
-    return out
+def _cut_at_eos(row: list[int], eos_id: int) -> list[int]:
+    return row[: row.index(eos_id) + 1] if eos_id in row else row
 
 
 def generate(model: CausalLM, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, use_cache: bool = True) -> list[list[int]]:
-    """Continues each prompt (a list of token ids). Returns the new tokens of each row, cut
-    after the first EOS (kept)."""
+             top_p: float = 1.0, seed: int = 0, num_beams: int = 1,
+             length_penalty: float = 1.0, early_stopping: bool | str = False,
+             stop: Sequence[str] = (), decode: stopping.Decode | None = None,
+             vocab_limit: int | None = None, layout: Layout | None = None,
+             use_cache: bool = True) -> list[list[int]]:
+    """Continues each prompt (a list of token ids); returns the new tokens of each row.
+
+    A row ends after its first EOS (kept), after `max_new_tokens`, or (with `stop` strings and
+    `decode`, ids -> text) with the token that completes a stop string in its continuation
+    (`research.decoding.stopping`; cut the text with `stopping.truncate`). Ids >= vocab_limit
+    (the tokenizer's vocab_size; default the model's) are never generated. `num_beams` > 1 is
+    beam search (deterministic: temperature, top_k, top_p and seed are not used; no `stop`).
+    `layout` places the computation (default: the first device; `params` should already be
+    placed by `layout.put_params`). `use_cache=False` is the cache-free reference (sampling
+    only, one device, no vocab_limit).
+    """
+    if max_new_tokens < 1 or num_beams < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} and num_beams={num_beams} must be "
+                          "at least 1.")
     tokens, segments = left_pad(prompts, pad_id)
-    limit = model.cfg.max_len
-    if tokens.shape[1] + max_new_tokens > limit:
-        raise ConfigError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens "
-                          f"({max_new_tokens}) exceeds the model's max_len {limit}; shorten one "
-                          "of them.")
-    out = _generate(model, params, jnp.asarray(tokens), jnp.asarray(segments),
-                    jax.random.key(seed), max_new_tokens=max_new_tokens,
-                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                    eos_id=int(eos_id), pad_id=int(pad_id), use_cache=use_cache)
-    rows = []
-    for row in np.asarray(out).tolist():
-        rows.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
-    return rows
+    check_length(model, tokens.shape[1], max_new_tokens)
+    if stop and (decode is None or num_beams > 1):
+        raise ConfigError("stop strings need a decode function and work with greedy decoding "
+                          "or sampling, not beam search (num_beams > 1).")
+    if not use_cache:
+        out = sampling.generate_without_cache(
+            model, params, jnp.asarray(tokens), jnp.asarray(segments), jax.random.key(seed),
+            max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+            top_p=float(top_p), eos_id=int(eos_id), pad_id=int(pad_id))
+        return [_cut_at_eos(row, eos_id) for row in np.asarray(out).tolist()]
+    layout = layout or Layout.single_device()
+    vocab_limit = int(vocab_limit or model.cfg.vocab_size)
+    with layout.context():
+        tokens, segments = layout.batch(tokens), layout.batch(segments)
+        if num_beams > 1:
+            out, lengths, _ = beam_lib.beam_search(
+                model, params, tokens, segments, num_beams=int(num_beams),
+                max_new_tokens=max_new_tokens, eos_id=int(eos_id), pad_id=int(pad_id),
+                length_penalty=float(length_penalty), early_stopping=early_stopping,
+                layout=layout, vocab_limit=vocab_limit)
+            return [row[:n] for row, n in zip(np.asarray(out).tolist(), np.asarray(lengths))]
+        state = sampling.start(model, params, tokens, segments,
+                               jax.random.key(seed), max_new_tokens=max_new_tokens,
+                               pad_id=int(pad_id), vocab_limit=vocab_limit, layout=layout)
+        kw = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                  eos_id=int(eos_id), pad_id=int(pad_id), vocab_limit=vocab_limit,
+                  layout=layout)
+        if not stop:
+            state = sampling.run(model, params, state, max_new_tokens, **kw)
+            return [_cut_at_eos(row, eos_id) for row in np.asarray(state.tokens).tolist()]
+        return _run_with_stops(model, params, state, prompts, max_new_tokens, stop, decode,
+                               eos_id, kw)
 
 
-def load_for_generation(workdir: str, step: int | None = None):
+def _run_with_stops(model, params, state: sampling.State, prompts, max_new_tokens: int,
+                    stop: Sequence[str], decode: stopping.Decode, eos_id: int,
+                    kw: dict) -> list[list[int]]:
+    """`sampling.run` in chunks of STOP_CHECK_EVERY tokens; between chunks, rows whose
+    continuation holds a stop string are marked done (cut after the completing token)."""
+    stopped_at: dict[int, int] = {}
+    checked = 0
+    while True:
+        step = int(state.step)
+        state = sampling.run(model, params, state, min(step + STOP_CHECK_EVERY, max_new_tokens),
+                             **kw)
+        step, rows = int(state.step), np.asarray(state.tokens).tolist()
+        done = np.asarray(state.done).copy()
+        for i, row in enumerate(rows):
+            if i in stopped_at:
+                continue
+            new = _cut_at_eos(row[:step], eos_id)
+            length = stopping.stop_length(decode, prompts[i], new, stop,
+                                          start=min(checked, len(new)))
+            if length >= 0:
+                stopped_at[i], done[i] = length, True
+        checked = step
+        if step >= max_new_tokens or done.all():
+            break
+        state = state._replace(done=jax.device_put(done, state.done.sharding))
+    return [row[:stopped_at[i]] if i in stopped_at else _cut_at_eos(row, eos_id)
+            for i, row in enumerate(rows)]
+
+
+def load_for_generation(workdir: str, step: int | None = None, layout: Layout | None = None):
     """(model, params, tokenizer) from a training workdir's run.json and latest checkpoint (or
-    `step`). ConfigError, before anything is written, if DIR is not a causal-LM run with that
+    `step`), the parameters restored straight into `layout`'s shardings (default: the first
+    device). ConfigError, before anything is written, if DIR is not a causal-LM run with that
     checkpoint."""
     info = workdir_lib.read_run_info(workdir)
     if info is None:
@@ -157,10 +163,11 @@ def load_for_generation(workdir: str, step: int | None = None):
                           "checkpoint is saved (train.checkpoint_every), or pick another run.")
     tokenizer = load_tokenizer(info["vocab"])
     model = CausalLM(TransformerConfig(**info["model_config"]))
+    layout = layout or Layout.single_device()
     abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
                                                           jnp.zeros((1, 1), jnp.int32))["params"]))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, layout.param_shardings(model))
     ckpt = Checkpointer(checkpoints, save_every=1, async_save=False)
     try:
         steps = ckpt.all_steps()
@@ -175,23 +182,71 @@ def load_for_generation(workdir: str, step: int | None = None):
     return model, params, tokenizer
 
 
+def _mesh_shape(text: str) -> dict[str, int]:
+    """--mesh_shape's value: a dict literal such as "{'data': 2, 'tensor': 4}"."""
+    try:
+        shape = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        shape = None
+    if not isinstance(shape, dict) or not all(isinstance(v, int) for v in shape.values()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a dict of axis sizes, e.g. \"{{'data': 2, 'tensor': 4}}\"")
+    return shape
+
+
+def _early_stopping(text: str) -> bool | str:
+    return {"false": False, "true": True, "never": "never"}[text]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog="python -m research.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="a causal-LM training workdir")
+    parser.add_argument("--workdir", required=True, help="a causal-LM training workdir (or a "
+                        "converted checkpoint: tools/convert_checkpoint.py --from_hf)")
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text (repeat for a batch of prompts)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=0, help="0 = no top-k filtering")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus mass; 1.0 = off")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy (default 1.0: sampling)")
+    parser.add_argument("--top_k", type=int, default=None, help="0 = no top-k filtering")
+    parser.add_argument("--top_p", type=float, default=None, help="nucleus mass; 1.0 = off")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
+    parser.add_argument("--num_beams", type=int, default=1,
+                        help="> 1: beam search (Hugging Face's), deterministic")
+    parser.add_argument("--length_penalty", type=float, default=1.0,
+                        help="beam search: finished score = sum log p / length ** this")
+    parser.add_argument("--early_stopping", type=str.lower, default="false",
+                        choices=("false", "true", "never"),
+                        help="beam search's stopping rule, as Hugging Face's (default false)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="end a row once its text contains TEXT; the output is cut before "
+                             "it (repeatable; greedy or sampling)")
+    parser.add_argument("--mesh_shape", type=_mesh_shape, default={"tensor": -1},
+                        help="devices mesh, axes data/fsdp/tensor (default \"{'tensor': -1}\": "
+                             "every device on tensor)")
+    parser.add_argument("--rules", choices=sorted(RULE_PRESETS), default=None,
+                        help="logical-axis rules preset (default: the run's config.gin, "
+                             "else fsdp_tensor)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max_new_tokens={args.max_new_tokens} must be at least 1")
+    sampling_flags = [f"--{name}" for name in ("temperature", "top_k", "top_p", "seed")
+                      if getattr(args, name) is not None]
+    if args.num_beams < 1:
+        parser.error(f"--num_beams={args.num_beams} must be at least 1")
+    if args.num_beams > 1 and (sampling_flags or args.stop):
+        parser.error(f"--num_beams={args.num_beams} is deterministic beam search; drop "
+                     f"{' '.join(sampling_flags + ['--stop'] * bool(args.stop))} (or use "
+                     "--num_beams=1)")
+    for name, default in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("seed", 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         parser.error("--temperature and --top_k must be >= 0 and --top_p in (0, 1]")
+    if not all(args.stop):
+        parser.error("--stop needs a non-empty TEXT")
+    args.early_stopping = _early_stopping(args.early_stopping)
     return args
 
 
@@ -199,13 +254,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logs.setup()
     args = parse_args(argv)
-    model, params, tok = load_for_generation(args.workdir, args.step)
-    prompts = [[tok.bos_id] + tok.encode(p) for p in args.prompt]
+    layout = Layout.create(args.mesh_shape, run_rules(args.workdir, args.rules))
+    model, params, tok = load_for_generation(args.workdir, args.step, layout)
+    bos = [tok.bos_id] if tok.bos_id >= 0 else []
+    prompts = [bos + tok.encode(p) for p in args.prompt]
     rows = generate(model, params, prompts, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
                     pad_id=tok.pad_id, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed)
+                    top_p=args.top_p, seed=args.seed, num_beams=args.num_beams,
+                    length_penalty=args.length_penalty, early_stopping=args.early_stopping,
+                    stop=args.stop, decode=tok.decode, vocab_limit=tok.vocab_size, layout=layout)
     for text, prompt, row in zip(args.prompt, prompts, rows):
-        print(f"--- {text}\n{tok.decode(prompt + row)}\n")
+        new = stopping.truncate(stopping.continuation(tok.decode, prompt, row), args.stop)
+        print(f"--- {text}\n{tok.decode(prompt)}{new}\n")
     return 0
 
 

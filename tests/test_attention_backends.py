@@ -49,9 +49,21 @@ def test_auto_picks_each_backends_kernel():
     assert select(bf16, backend="tpu", dropout=True) == "einsum"
     assert select(bf16, backend="tpu", length=100) == "einsum"
     assert select(bf16, backend="cpu") == "einsum"
-    for impl in ("xla", "splash", "cudnn"):  # no dropout in these kernels: einsums when it is on
+    for impl in ("xla", "splash"):  # no dropout in these kernels: einsums when it is on
         assert select(dataclasses.replace(bf16, attention_impl=impl), backend="tpu",
                       dropout=True) == "einsum"
+    cudnn = dataclasses.replace(bf16, attention_impl="cudnn")
+    assert select(cudnn, backend="gpu", cuda=True, dropout=True) == "einsum"  # DROPOUT_IN_MODELS
+
+
+def test_cudnn_dropout_switch_sends_attention_dropout_to_cudnn(monkeypatch):
+    monkeypatch.setattr(attention_cudnn, "DROPOUT_IN_MODELS", True)
+    bf16 = TransformerConfig(dtype="bfloat16", d_model=256, num_heads=4)
+    for impl in ("auto", "cudnn"):
+        assert select(dataclasses.replace(bf16, attention_impl=impl), backend="gpu", cuda=True,
+                      dropout=True) == "cudnn"
+    assert select(dataclasses.replace(bf16, attention_impl="xla"), backend="gpu", cuda=True,
+                  dropout=True) == "einsum"
     assert select(dataclasses.replace(bf16, attention_impl=None), backend="gpu",
                   cuda=True) == "einsum"
 
@@ -159,6 +171,31 @@ def test_attention_dropout_on_gpu_runs_the_einsum_kernel(cuda_lowering):
     assert [name for name, _ in cudnn_calls(lowered(True))] == ["__cudnn$fmhaScaleBiasSoftmax"] * 2
 
 
+def test_cudnn_attention_dropout_lowers_into_the_fused_kernel(cuda_lowering, monkeypatch):
+    """With the DROPOUT_IN_MODELS switch on, attention dropout in training: cuDNN's fused kernel, forward
+    and backward, with the dropout rate and a different seed in each layer; no einsum softmax
+    and no dropout bits drawn by JAX for the probabilities."""
+    monkeypatch.setattr(attention_cudnn, "DROPOUT_IN_MODELS", True)
+    cfg = TransformerConfig(**BERTISH)
+    toks = jnp.ones((2, 64), jnp.int32)
+    stack = TransformerStack(cfg)
+    params = jax.eval_shape(lambda: nn.unbox(stack.init(jax.random.key(0), toks))["params"])
+
+    def loss(p):
+        out = stack.apply({"params": p}, toks, segment_ids=toks, deterministic=False,
+                          rngs={"dropout": jax.random.key(1)})
+        return jnp.sum(out.astype(jnp.float32))
+
+    hlo = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+    calls = cudnn_calls(hlo)
+    assert len(calls) == 4 and all("Dropout" in name for name, _ in calls)
+    assert all(config["dropout_rate"] == pytest.approx(0.1) for _, config in calls)
+    seeds = {name: sorted(int(config["seed"]) for n, config in calls if n == name)
+             for name, _ in calls}
+    assert all(len(set(v)) == 2 for v in seeds.values())  # one seed per layer
+    assert "exponential" not in hlo
+
+
 # --------------------------------------------------------------- on an NVIDIA GPU only ------
 
 def random_qkv(rng, b=2, t=128, n=4, k=2, h=64):
@@ -240,3 +277,27 @@ def test_splash_runs_per_shard_under_a_mesh():
         got = attend(*args)
     assert "all-gather" not in lowered.compile().as_text()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@gpu_only
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_attention_dropout_runs_and_averages_to_no_dropout(causal):
+    """cuDNN's attention dropout (rate 0.1): finite outputs and gradients, a fresh mask on each
+    run (XLA advances the offset), and the mean over 64 runs close to the dropout-free output
+    (inverted dropout keeps the expectation), far closer than one run."""
+    q, k, v = random_qkv(jax.random.key(0))
+    seg = jnp.asarray(random_packed_rows(np.random.default_rng(0), 2, 128, 4))
+
+    @jax.jit
+    def dropped(q, k, v):
+        return attention_cudnn.cudnn_attention(q, k, v, seg, causal=causal, dropout_rate=0.1,
+                                               seed=7)
+
+    plain = attention_cudnn.cudnn_attention(q, k, v, seg, causal=causal)
+    runs = [np.asarray(dropped(q, k, v), np.float32) for _ in range(64)]
+    assert not np.array_equal(runs[0], runs[1])
+    one, mean = rel_err(runs[0], plain), rel_err(np.mean(runs, axis=0), plain)
+    assert 0.05 < one < 0.6 and mean < one / 4
+    grads = jax.grad(lambda q, k, v: jnp.sum(dropped(q, k, v).astype(jnp.float32)),
+                     (0, 1, 2))(q, k, v)
+    assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads)

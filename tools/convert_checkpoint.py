@@ -1,22 +1,26 @@
 #!/usr/bin/env python
-"""Convert Hugging Face BERT / GPT-2 checkpoints to this project's format, and back.
+"""Convert Hugging Face checkpoints (BERT, GPT-2, Llama, Mistral, Qwen2, Gemma) to this
+project's format, and back.
 
-Import (HF -> ours), from a directory with config.json + model.safetensors:
+Import (HF -> ours), from a directory with config.json + model.safetensors (or sharded
+model-0000i-of-0000N.safetensors + model.safetensors.index.json):
 
     python tools/convert_checkpoint.py --from_hf=hf/bert-base-uncased --to=ckpt/bert_base
 
 writes ckpt/bert_base/checkpoints/0/params (Orbax), model.gin (TransformerConfig bindings)
-and run.json (model_config, objective, vocab = hf/.../vocab.txt if present). Use it as
-`--gin.INIT_CHECKPOINT="'ckpt/bert_base'"` with `--gin_file=ckpt/bert_base/model.gin`
-(VOCAB may then be the WordPiece vocab.txt).
+and run.json (model_config, objective, vocab = the HF directory's tokenizer file:
+vocab.txt, tokenizer.json, tokenizer.model, ...). Use it as
+`--gin_file=ckpt/bert_base/model.gin --gin.INIT_CHECKPOINT="'ckpt/bert_base'"` with a
+fine-tuning or pretraining run config; `--gin.VOCAB=None` takes the checkpoint's tokenizer.
 
 Export (ours -> HF), from a training workdir or a converted directory:
 
     python tools/convert_checkpoint.py --from=runs/bert_mini --to_hf=hf/bert_mini
 
-writes config.json + model.safetensors with HF key names (BertForPreTraining for BERT
-pretraining params, BertForSequenceClassification for fine-tuned ones, GPT2LMHeadModel for
-causal LMs). Supported model types: bert (absolute positions) and gpt2.
+writes config.json + model.safetensors (sharded past --max_shard_size) with HF key names
+(BertForPreTraining for BERT pretraining params, BertForSequenceClassification for fine-tuned
+ones, LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / GemmaForCausalLM for
+Llama-style causal LMs, GPT2LMHeadModel for the others) and the run's tokenizer files.
 
 Every directory may also be an object-store URL, e.g. --from_hf=gs://bkt/hf/bert-base-uncased
 --to=gs://bkt/ckpt/bert_base.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -39,6 +44,20 @@ from research import cli, storage  # noqa: E402
 from research.checkpoints.hf import convert as hf_convert  # noqa: E402
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10,
+          "MIB": 2 ** 20, "GIB": 2 ** 30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '2GiB' / '1000' -> bytes (decimal units, as transformers)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 5GB, 500MB or a "
+                                         f"number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,6 +69,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--to_hf", metavar="DIR", help="output directory for --from")
     parser.add_argument("--scan_layers", action="store_true",
                         help="import: store the layers stacked (TransformerConfig.scan_layers)")
+    parser.add_argument("--max_shard_size", type=parse_size, default="5GB", metavar="SIZE",
+                        help="export: largest safetensors file, e.g. 5GB, 500MB or bytes "
+                             "(default 5GB, as transformers); larger weights are sharded")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing checkpoint / model.safetensors in the output")
     args = parser.parse_args(argv)
@@ -79,11 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Converted HF {converted.model_type} ({cfg.num_layers} layers, d_model "
               f"{cfg.d_model}, vocab {cfg.vocab_size}, {len(converted.params)} tensors, "
               f"objective {converted.objective}) to {args.to} in {time.time() - start:.1f}s.")
-        print(f"Use: --gin_file={storage.join(args.to, 'model.gin')} "
-              f"--gin.INIT_CHECKPOINT=\"'{args.to}'\"")
+        vocab = " --gin.VOCAB=None" if converted.objective == "causal_lm" else ""
+        print(f"Use: --gin_file={storage.join(args.to, 'model.gin')} --gin_file=RUN_CONFIG "
+              f"--gin.INIT_CHECKPOINT=\"'{args.to}'\"{vocab}")
     else:
         storage.check_writable(args.to_hf, "--to_hf")
-        config = hf_convert.convert_to_hf(args.from_ours, args.to_hf, overwrite=args.overwrite)
+        config = hf_convert.convert_to_hf(args.from_ours, args.to_hf, overwrite=args.overwrite,
+                                          max_shard_size=args.max_shard_size)
         print(f"Wrote {config['architectures'][0]} ({config['model_type']}) to {args.to_hf} "
               f"in {time.time() - start:.1f}s.")
     return 0

@@ -7,6 +7,15 @@ Piece layout written by `tools/train_tokenizer.py` (and expected here):
 
 Control symbols are never produced by encoding text: a corpus containing the string
 "[MASK]" yields ordinary pieces, never the mask id.
+
+Other SentencePiece models (Llama 2, Mistral, T5 `spiece.model`) load too: their special ids
+are the model's own, overridden by the Hugging Face tokenizer configs beside the file when
+there are any (`research.data.hf_tokenizer.hf_special_ids`). A model without a pad piece gets
+pad = eos (else bos, else id 0; `hf_tokenizer.pad_fallback`).
+
+`load_tokenizer` picks the class from VOCAB: a directory -> its tokenizer file
+(`tokenizer_base.find_tokenizer_file`), `*.json` -> `hf_tokenizer.HFTokenizer`, `*.txt` ->
+`wordpiece.WordPieceTokenizer`, anything else -> SentencePiece.
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ import numpy as np
 import sentencepiece as spm
 
 from research import storage
-from research.data.tokenizer_base import SpecialPieces, VocabError, check_vocab_path
+from research.data.hf_tokenizer import HFTokenizer, hf_special_ids, pad_fallback
+from research.data.tokenizer_base import (
+    SpecialPieces, VocabError, check_vocab_path, find_tokenizer_file)
 from research.data.wordpiece import WordPieceTokenizer
 
 PAD_PIECE = "[PAD]"
@@ -54,6 +65,15 @@ class Tokenizer(SpecialPieces):
         self.cls_id = self._special("[CLS]")
         self.sep_id = self._special("[SEP]")
         self.mask_id = self._special("[MASK]")
+        hf_ids = hf_special_ids(storage.dirname(model_path), self._lookup)  # HF configs beside
+        for name, pid in hf_ids.items():
+            setattr(self, f"{name}_id", pid)
+        self.pad_id, self.pad_is_special = pad_fallback(self.pad_id, self.eos_id, self.bos_id)
+
+    def _lookup(self, piece: str) -> int | None:
+        """Id of `piece`, None when the model lacks it."""
+        pid = self.sp.piece_to_id(piece)
+        return None if pid == self.sp.unk_id() and piece != self.sp.id_to_piece(pid) else pid
 
     def _special(self, piece: str, fallback: int = -1) -> int:
         pid = self.sp.piece_to_id(piece)
@@ -98,10 +118,19 @@ class Tokenizer(SpecialPieces):
 
 
 @functools.lru_cache(maxsize=8)
-def load_tokenizer(model_path: str) -> Tokenizer | WordPieceTokenizer:
-    """A SentencePiece `.model`, or a BERT WordPiece `vocab.txt` (`*.txt`, same interface)."""
+def load_tokenizer(model_path: str) -> Tokenizer | WordPieceTokenizer | HFTokenizer:
+    """The tokenizer VOCAB names (same interface for all): a SentencePiece `.model`, a BERT
+    WordPiece `vocab.txt` (`*.txt`), a Hugging Face `tokenizer.json` (or GPT-2's `vocab.json`
+    with merges.txt; `*.json`), or a model directory holding one of them."""
+    if not isinstance(model_path, str) or not model_path:
+        raise VocabError(f"VOCAB is {model_path!r}: name a tokenizer file or a model directory. "
+                         f"{HOW_TO_TRAIN}")
+    if storage.isdir(model_path):
+        model_path = find_tokenizer_file(model_path)
     if model_path.endswith(".txt"):
         return WordPieceTokenizer(model_path)
+    if model_path.endswith(".json"):
+        return HFTokenizer(model_path)
     return Tokenizer(model_path)
 
 

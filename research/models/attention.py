@@ -10,15 +10,17 @@ act_batch, act_length, act_heads, act_kv_heads.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from research.errors import ConfigError
-from research.models.attention_cudnn import cudnn_attention
+from research.models.attention_cudnn import cudnn_attention, dropout_seed
 from research.models.attention_select import query_blocks, select_impl
 from research.models.attention_splash import splash_attention
 from research.models.layers import Dropout, Projection, constrain
@@ -27,10 +29,45 @@ from research.models.transformer_config import TransformerConfig
 Array = jax.Array
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary position embedding (rotate-half convention). x: [B, T, N, H], positions: [B, T]."""
+def llama3_frequencies(head_dim: int, theta: float, factor: float, low_freq_factor: float,
+                       high_freq_factor: float, original_max_len: int) -> np.ndarray:
+    """Llama 3.1's scaled rotary inverse frequencies float32[H/2], computed as transformers'
+    `_compute_llama3_parameters` does (float32): wavelengths 2 pi / f over original_max_len /
+    low_freq_factor are divided by `factor`, those under original_max_len / high_freq_factor
+    kept, the ones between interpolated smoothly."""
+    f32 = np.float32
+    inv_freq = f32(1.0) / (f32(theta) ** (np.arange(0, head_dim, 2).astype(f32) / f32(head_dim)))
+    low_wavelen = original_max_len / low_freq_factor
+    high_wavelen = original_max_len / high_freq_factor
+    wavelen = f32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / f32(factor), inv_freq).astype(f32)
+    smooth = ((f32(original_max_len) / wavelen - f32(low_freq_factor))
+              / f32(high_freq_factor - low_freq_factor)).astype(f32)
+    smoothed = ((f32(1) - smooth) * scaled / f32(factor) + smooth * scaled).astype(f32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(f32)
+
+
+def rope_frequencies(cfg: TransformerConfig) -> np.ndarray | None:
+    """The config's rotary inverse frequencies float32[H/2] when `rope_scaling` is set; None for
+    plain RoPE (`rotary` computes theta^(-i/(H/2)) itself)."""
+    if cfg.rope_scaling is None:
+        return None
+    return llama3_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling_factor,
+                              cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                              cfg.rope_original_max_len)
+
+
+def rotary(x: Array, positions: Array, theta: float,
+           inv_freq: np.ndarray | None = None) -> Array:
+    """Rotary position embedding (rotate-half convention, as HF Llama: the first and second
+    halves of each head are the pairs). x: [B, T, N, H], positions: [B, T]; `inv_freq`
+    float32[H/2] replaces the frequencies theta^(-i/(H/2)) (scaled RoPE)."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if inv_freq is None:
+        freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    else:
+        freqs = jnp.asarray(inv_freq, jnp.float32)
     angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, H/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -39,13 +76,15 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
 
 
 def attention_mask(q_segments: Array, k_segments: Array, causal: bool,
-                   q_positions: Array | None = None, k_positions: Array | None = None) -> Array:
+                   q_positions: Array | None = None, k_positions: Array | None = None,
+                   window: int | None = None) -> Array:
     """bool[B, 1, T, S]: query t may attend key s. Segments int[B, T] / int[B, S].
 
     Tokens attend only within their own segment (packed documents; padding is segment 0, so
     padding attends padding and never real tokens). With `causal`, also only to keys at an
     earlier or equal index (`q_positions` [1, T] / `k_positions` [1, S] are absolute indices,
-    for decoding).
+    for decoding), and with a `window` (causal only) only to the last `window` of those
+    (index t - s < window, as HF Mistral's sliding window).
     """
     mask = q_segments[:, :, None] == k_segments[:, None, :]
     if causal:
@@ -53,6 +92,8 @@ def attention_mask(q_segments: Array, k_segments: Array, causal: bool,
             q_positions = jnp.arange(q_segments.shape[1])[None]
             k_positions = jnp.arange(k_segments.shape[1])[None]
         mask &= q_positions[:, :, None] >= k_positions[:, None, :]
+        if window is not None:
+            mask &= q_positions[:, :, None] - k_positions[:, None, :] < window
     return mask[:, None]
 
 
@@ -129,15 +170,20 @@ class Attention(nn.Module):
         """x [B, T, D]; segment_ids, positions int[B, T]. Returns [B, T, D]."""
         cfg = self.cfg
         n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-        q = Projection((n, h), ("embed", "heads", "head_dim"), cfg, name="query")(x)
-        key = Projection((k, h), ("embed", "kv_heads", "head_dim"), cfg, name="key")(x)
-        value = Projection((k, h), ("embed", "kv_heads", "head_dim"), cfg, name="value")(x)
+        qkv_bias = cfg.use_bias or cfg.qkv_bias
+        q = Projection((n, h), ("embed", "heads", "head_dim"), cfg, bias=qkv_bias,
+                       name="query")(x)
+        key = Projection((k, h), ("embed", "kv_heads", "head_dim"), cfg, bias=qkv_bias,
+                         name="key")(x)
+        value = Projection((k, h), ("embed", "kv_heads", "head_dim"), cfg, bias=qkv_bias,
+                           name="value")(x)
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
         key = constrain(key, ("act_batch", "act_length", "act_kv_heads", None))
         value = constrain(value, ("act_batch", "act_length", "act_kv_heads", None))
         if cfg.position == "rotary":
-            q = rotary(q, positions, cfg.rope_theta)
-            key = rotary(key, positions, cfg.rope_theta)
+            inv_freq = rope_frequencies(cfg)
+            q = rotary(q, positions, cfg.rope_theta, inv_freq)
+            key = rotary(key, positions, cfg.rope_theta, inv_freq)
 
         q_index = k_index = None
         k_segments = segment_ids
@@ -148,12 +194,15 @@ class Attention(nn.Module):
                            dropout=training_dropout)
         if impl == "cudnn":
             check_attention_backend(impl)
-            out = cudnn_attention(q, key, value, segment_ids, causal=cfg.causal)
+            out = cudnn_attention(q, key, value, segment_ids, causal=cfg.causal,
+                                  dropout_rate=cfg.attention_dropout_rate if training_dropout
+                                  else 0.0, seed=dropout_seed(self.scope.path))
         elif impl == "splash":
             out = splash_attention(q, key, value, segment_ids, k_segments, causal=cfg.causal,
                                    interpret=jax.default_backend() != "tpu")
         else:
-            mask = attention_mask(segment_ids, k_segments, cfg.causal, q_index, k_index)
+            mask = attention_mask(segment_ids, k_segments, cfg.causal, q_index, k_index,
+                                  cfg.sliding_window)
             dropout = None
             if training_dropout:
                 dropout = functools.partial(Dropout(cfg.attention_dropout_rate,

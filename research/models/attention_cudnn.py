@@ -16,17 +16,26 @@ per step). The forward and gradients of this path match the einsum reference on 
 (tests/test_attention_backends.py, tests/test_precision_attention.py, run with
 JAX_PLATFORMS=cuda).
 
-No attention dropout here: cuDNN's fused attention has dropout (the `dropout_rate` of
-`jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`), but on that machine XLA
-aborted the process the first time it ran it ("Check failed: local_device_ordinal.has_value()"
-in cuda_dnn.cc, bert_base with attention dropout 0.1), so attention dropout runs the einsum
-kernel (`research.models.attention_select`).
+Attention dropout: `cudnn_attention(dropout_rate=...)` runs cuDNN's fused dropout (the
+`dropout_rate` of `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`, with cuDNN's
+own generator: a fixed seed per layer, `dropout_seed`, and an offset XLA advances on each run,
+so the masks are fresh every step but are not a function of the run's seed: a resumed run does
+not replay them). On an H200 with JAX 0.11.2 (2026-11-26) it ran correctly on its own
+(experiments/cudnn_dropout_probe.py under default flags and without command buffers;
+tests/test_attention_backends.py's GPU tests: fresh masks per run, finite gradients, the mean
+of 64 runs near the dropout-free output), but inside the jitted BERT-base train step
+(research.benchmark, attention_impl='cudnn') XLA aborted the process: "Check failed:
+local_device_ordinal.has_value()" in cuda_dnn.cc, where XLA advances that offset. So models
+keep attention dropout on the einsum kernel (`DROPOUT_IN_MODELS = False`, read by
+`research.models.attention_select`) until a JAX release runs it in the train step.
 
 Shapes: B batch, T length (queries = keys: self-attention), N query heads, K kv heads (N a
 multiple of K), H head dim.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +46,9 @@ Array = jax.Array
 # (256 on Hopper and later; 128 keeps the check independent of the card).
 CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 128
+# Whether models run attention dropout in training through cuDNN ('auto' and 'cudnn'), or
+# through the einsum kernel (False: see the module docstring for why, on JAX 0.11.2).
+DROPOUT_IN_MODELS = False
 
 
 def cudnn_supported(dtype: str, head_dim: int, q_len: int, kv_len: int) -> bool:
@@ -56,11 +68,27 @@ def cuda_available() -> bool:
         return False
 
 
-def cudnn_attention(q: Array, k: Array, v: Array, segments: Array, *, causal: bool) -> Array:
-    """softmax(q k^T / sqrt(H) + segment mask) v with cuDNN's fused kernel, causal or not.
+def dropout_seed(module_path: tuple[str, ...]) -> int:
+    """A fixed cuDNN dropout seed per attention layer, from its module path ('decoder/layer_3/
+    attention'): every layer draws its own masks; XLA advances each call's offset per run."""
+    return zlib.crc32("/".join(module_path).encode()) & 0x7FFFFFFF
+
+
+def cudnn_attention(q: Array, k: Array, v: Array, segments: Array, *, causal: bool,
+                    dropout_rate: float = 0.0, seed: int = 0) -> Array:
+    """softmax(q k^T / sqrt(H) + segment mask) v with cuDNN's fused kernel, causal or not, with
+    dropout on the probabilities when `dropout_rate` > 0 (cuDNN's own generator: `seed` and an
+    offset XLA advances each run, see the module docstring).
 
     q [B, T, N, H], k/v [B, T, K, H] (16-bit), segments int[B, T] -> [B, T, N, H].
     """
     same_segment = segments[:, None, :, None] == segments[:, None, None, :]  # [B, 1, T, T]
-    return jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=causal,
-                                        implementation="cudnn")
+    if not dropout_rate:
+        return jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=causal,
+                                            implementation="cudnn")
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    mask_type = fused.MaskType.CAUSAL if causal else fused.MaskType.NO_MASK
+    return fused.dot_product_attention(q, k, v, None, same_segment, scale=q.shape[-1] ** -0.5,
+                                       mask_type=mask_type, seed=seed,
+                                       dropout_rate=float(dropout_rate))

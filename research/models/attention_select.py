@@ -8,6 +8,9 @@
 | TPU | Pallas splash attention (`attention_splash`) with segment ids | attention dropout in training (splash has none), lengths no block size divides, decoding |
 | CPU | einsums (`attention.softmax_attention`), causal attention in query blocks | - |
 
+A sliding window (`TransformerConfig.sliding_window`, Mistral) always runs the einsum kernel,
+also when 'cudnn' or 'splash' is named ('xla' takes the window's mask as it is).
+
 Explicit choices: 'einsum' (None is the same), 'xla' (`jax.nn.dot_product_attention`'s XLA
 implementation), 'cudnn', 'splash' (on a backend other than TPU it runs in Pallas interpret
 mode: slow, for tests). 'xla', 'splash' and 'cudnn' run no attention dropout, so attention
@@ -48,19 +51,24 @@ def select_impl(cfg: TransformerConfig, *, q_len: int, kv_len: int, decode: bool
 
     backend = backend or jax.default_backend()
     impl = cfg.attention_impl or "einsum"
+    if impl in ("auto", "cudnn", "splash") and cfg.sliding_window is not None:
+        return "einsum"  # the sliding-window mask runs through the einsum kernel only
     if impl == "auto":
         if decode:
             return "einsum"
         if cuda is None:
             cuda = attention_cudnn.cuda_available()
-        if cuda and not dropout and attention_cudnn.cudnn_supported(
+        fused_ok = not dropout or attention_cudnn.DROPOUT_IN_MODELS
+        if cuda and fused_ok and attention_cudnn.cudnn_supported(
                 cfg.compute_dtype, cfg.dim_per_head, q_len, kv_len):
             return "cudnn"
         if (backend == "tpu" and not dropout
                 and attention_splash.splash_supported(q_len, kv_len, cfg.dim_per_head)):
             return "splash"
         return "einsum"
-    if impl in ("xla", "splash", "cudnn") and dropout:
+    if impl in ("xla", "splash") and dropout:
+        return "einsum"
+    if impl == "cudnn" and dropout and not attention_cudnn.DROPOUT_IN_MODELS:
         return "einsum"
     if impl in ("cudnn", "splash") and decode:
         return "einsum"  # the KV cache's query/key lengths differ; einsums handle any shapes

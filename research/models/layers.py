@@ -52,6 +52,7 @@ class Projection(nn.Module):
     axes: tuple[str, ...]
     cfg: TransformerConfig
     in_dims: int = 1
+    bias: bool | None = None  # None: cfg.use_bias
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -62,7 +63,7 @@ class Projection(nn.Module):
         contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
         out = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
                                   (contract, ((), ())))
-        if cfg.use_bias:
+        if cfg.use_bias if self.bias is None else self.bias:
             bias = self.param("bias", zeros_init(self.axes[self.in_dims:]), tuple(self.features),
                               cfg.params_dtype)
             out = out + bias.astype(cfg.compute_dtype)
@@ -113,7 +114,9 @@ class Dropout(nn.Module):
 class Norm(nn.Module):
     """LayerNorm or RMSNorm (`cfg.norm`) over the last axis [..., D], statistics in float32.
 
-    Parameters: scale [D] ('embed',), and for LayerNorm bias [D] ('embed',).
+    Parameters: scale [D] ('embed',), and for LayerNorm bias [D] ('embed',). With
+    `cfg.norm_scale_offset` the RMSNorm multiplies by (offset + scale) (`OffsetRMSNorm`, the
+    same parameter path).
     """
 
     cfg: TransformerConfig
@@ -122,12 +125,36 @@ class Norm(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+        if cfg.norm == "rmsnorm" and cfg.norm_scale_offset:
+            return OffsetRMSNorm(cfg.norm_eps, cfg.norm_scale_offset, cfg.compute_dtype,
+                                 cfg.params_dtype, name="RMSNorm_0")(x)
         if cfg.norm == "rmsnorm":
             return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
                               param_dtype=cfg.params_dtype, scale_init=scale_init)(x)
         return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
                             param_dtype=cfg.params_dtype, scale_init=scale_init,
                             bias_init=zeros_init(("embed",)), use_bias=True)(x)
+
+
+class OffsetRMSNorm(nn.Module):
+    """RMSNorm over the last axis [..., D] that multiplies by (offset + scale), in float32:
+    x / sqrt(mean(x^2) + eps) * (offset + scale), cast to `dtype`. Gemma's norm is offset 1
+    (`(1 + weight)`, weight initialised to 0). Parameter: scale [D] ('embed',), initialised to
+    1 - offset (the identity)."""
+
+    epsilon: float
+    offset: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = nn.with_logical_partitioning(nn.initializers.constant(1.0 - self.offset),
+                                            ("embed",))
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return (y * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
 
 
 def gelu_exact(x: Array) -> Array:

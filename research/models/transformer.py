@@ -165,6 +165,8 @@ class TransformerStack(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = _lookup(self.token_embed, tokens, "vocab")
+        if cfg.scale_embeddings:  # Gemma: sqrt(d_model), rounded to the embedding dtype
+            x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
         if cfg.position == "learned":
             x = x + _lookup(self.position_embed, positions, "position")
         if cfg.type_vocab_size:
@@ -239,7 +241,8 @@ def analytic_param_count(cfg: TransformerConfig) -> int:
                         cfg.vocab_size)
     bias = cfg.use_bias
     norm = 2 * d if cfg.norm == "layernorm" else d
-    attn = d * n * h + 2 * d * k * h + n * h * d + (bias and (n * h + 2 * k * h + d))
+    qkv_bias = bias or cfg.qkv_bias
+    attn = d * n * h + 2 * d * k * h + n * h * d + (qkv_bias and n * h + 2 * k * h) + (bias and d)
     mats = 3 if cfg.activation in ("swiglu", "geglu") else 2
     mlp = mats * d * f + (bias and ((mats - 1) * f + d))
     layer = attn + mlp + 2 * norm

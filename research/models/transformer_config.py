@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from research.errors import ConfigError
 
+ROPE_SCALINGS = (None, "llama3")
 ACTIVATIONS = ("gelu", "gelu_exact", "relu", "swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rotary", "none")
@@ -49,10 +50,29 @@ class TransformerConfig:
     position: str = "learned"
     max_len: int = 1024
     rope_theta: float = 10_000.0
+    # rotary frequency scaling: None, or "llama3" (Llama 3.1's: frequencies with wavelengths
+    # over rope_original_max_len / rope_low_freq_factor divided by rope_scaling_factor, under
+    # rope_original_max_len / rope_high_freq_factor kept, smoothly interpolated in between)
+    rope_scaling: str | None = None
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     type_vocab_size: int = 0  # >0 adds token-type (segment) embeddings, as BERT does
     embedding_norm: bool = False  # LayerNorm right after the embeddings (BERT)
     tie_embeddings: bool = True
     use_bias: bool = True
+    # biases on the query/key/value projections even when use_bias is False (Qwen2)
+    qkv_bias: bool = False
+    # causal attention to the last `sliding_window` keys only (query t sees keys t-W+1..t;
+    # Mistral); None: all earlier keys. Runs the einsum/xla kernels (cuDNN and splash fall back)
+    sliding_window: int | None = None
+    # token embeddings multiplied by sqrt(d_model) on input (not in the tied output projection;
+    # Gemma)
+    scale_embeddings: bool = False
+    # RMSNorm multiplies by (norm_scale_offset + scale), scale initialised to 1 - offset: 1.0
+    # is Gemma's `(1 + weight)` norm, stored as HF stores it
+    norm_scale_offset: float = 0.0
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     init_std: float = 0.02
@@ -83,6 +103,22 @@ class TransformerConfig:
         _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _check_choice("dtype", self.dtype, COMPUTE_DTYPES)
+        _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        if self.sliding_window is not None and not (
+                isinstance(self.sliding_window, int) and self.sliding_window >= 1
+                and self.causal):
+            raise ConfigError(f"TransformerConfig.sliding_window must be None or an integer >= 1 "
+                              f"with causal=True, got {self.sliding_window!r} "
+                              f"(causal={self.causal}).")
+        if self.norm_scale_offset and self.norm != "rmsnorm":
+            raise ConfigError(f"TransformerConfig.norm_scale_offset={self.norm_scale_offset} "
+                              f"needs norm='rmsnorm', got norm={self.norm!r}.")
+        if self.rope_scaling == "llama3" and not (
+                self.rope_high_freq_factor > self.rope_low_freq_factor > 0
+                and self.rope_scaling_factor > 0 and self.rope_original_max_len > 0):
+            raise ConfigError("TransformerConfig.rope_scaling='llama3' needs rope_high_freq_factor"
+                              " > rope_low_freq_factor > 0, rope_scaling_factor > 0 and "
+                              "rope_original_max_len > 0.")
         if self.attention_impl == "cudnn" and self.dtype not in ("auto", "bfloat16", "float16"):
             raise ConfigError(f"TransformerConfig.attention_impl='cudnn' needs a 16-bit compute "
                               f"dtype (dtype='bfloat16' or 'auto'), got dtype={self.dtype!r}; or "

@@ -31,17 +31,20 @@ from research import storage
 from research.checkpoints import manager
 from research.checkpoints.errors import (
     CheckpointNotFoundError, ConversionError, OutputExistsError)
-from research.checkpoints.hf import bert, gpt2
+from research.checkpoints.hf import bert, gpt2, llama
 from research.checkpoints.hf.family import Converted, ModelFamily
 from research.checkpoints.hf.rules import Flat, flatten, nest, stack_layers, stack_root, unstack_layers
-from research.checkpoints.hf.safetensors_io import CONFIG_FILE, WEIGHTS_FILE, read_hf_dir, write_hf_dir
+from research.checkpoints.hf.safetensors_io import (
+    CONFIG_FILE, DEFAULT_MAX_SHARD_SIZE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, read_hf_dir, write_hf_dir)
 from research.checkpoints.init_from import resolve, run_info
 from research.data.tokenizer import load_tokenizer
+from research.data.tokenizer_base import VocabNotFoundError, find_tokenizer_file
 from research.models.transformer import TransformerConfig
 from research.workdir import write_run_info, write_text
 
 # HF config.json model_type -> its family; in export order (see `to_hf`).
-FAMILIES: dict[str, ModelFamily] = {f.model_type: f for f in (bert.FAMILY, gpt2.FAMILY)}
+FAMILIES: dict[str, ModelFamily] = {f.model_type: f for f in (bert.FAMILY, *llama.FAMILIES,
+                                                                gpt2.FAMILY)}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 MODEL_GIN_FILE = "model.gin"
@@ -50,7 +53,9 @@ MODEL_GIN_FILE = "model.gin"
 # choices a run config may set, and options HF BERT / GPT-2 never use.
 _OMIT_WHEN_DEFAULT = ("vocab_multiple", "param_dtype", "dtype", "remat_policy",
                       "attention_impl", "attention_query_blocks", "num_kv_heads", "head_dim",
-                      "rope_theta")
+                      "rope_theta", "rope_scaling", "rope_scaling_factor",
+                      "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",
+                      "qkv_bias", "sliding_window", "scale_embeddings", "norm_scale_offset")
 
 
 def from_hf(directory: str) -> Converted:
@@ -114,15 +119,19 @@ def _vocab_info(vocab: str | None) -> dict[str, int]:
         logging.warning("could not load VOCAB %r (%s); the HF config gets no special token ids.",
                         vocab, e)
         return {}
-    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id}
+    if getattr(tok, "pad_is_special", True):  # not a fallback to an ordinary piece
+        ids["pad"] = tok.pad_id
     return {k: int(v) for k, v in ids.items() if v is not None and v >= 0}
 
 
-def _check_output(out: str, marker: str, overwrite: bool) -> None:
-    """Raises if OUT already holds `marker` (a checkpoint, weights) and `overwrite` is off."""
-    if storage.exists(storage.join(out, marker)) and not overwrite:
-        raise OutputExistsError(f"{out} already holds {marker}; pass --overwrite to replace it "
-                                "or choose an empty directory.")
+def _check_output(out: str, markers: str | tuple[str, ...], overwrite: bool) -> None:
+    """Raises if OUT already holds one of `markers` (a checkpoint, weights) and `overwrite` is
+    off."""
+    for marker in (markers,) if isinstance(markers, str) else markers:
+        if storage.exists(storage.join(out, marker)) and not overwrite:
+            raise OutputExistsError(f"{out} already holds {marker}; pass --overwrite to replace "
+                                    "it or choose an empty directory.")
 
 
 def _clear_output(out: str, marker: str) -> None:
@@ -135,12 +144,35 @@ def _clear_output(out: str, marker: str) -> None:
     storage.makedirs(out)
 
 
+# Files that travel with a tokenizer file (special tokens, normaliser options) on export.
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def hf_tokenizer_file(hf_dir: str) -> str | None:
+    """The tokenizer file of an HF checkpoint directory that run.json's `vocab` records, or
+    None: BERT's vocab.txt (the WordPiece tokenizer, as before), else the first of
+    `tokenizer_base.TOKENIZER_FILES` (tokenizer.json, tokenizer.model, spiece.model, ...)."""
+    vocab_txt = storage.join(hf_dir, "vocab.txt")
+    if storage.isfile(vocab_txt):
+        return vocab_txt
+    try:
+        return find_tokenizer_file(hf_dir)
+    except VocabNotFoundError:
+        return None
+
+
 def _write_run_files(out: str, converted: Converted, hf_dir: str) -> None:
-    """OUT/run.json (model_config, objective, vocab, source) and OUT/model.gin."""
+    """OUT/run.json (model_config, objective, vocab, source) and OUT/model.gin. `vocab` points
+    at HF_DIR's tokenizer file (`hf_tokenizer_file`; None, with a warning, if it has none), so
+    research.generate and INIT_CHECKPOINT runs need no VOCAB."""
     hf_dir = storage.resolve(hf_dir)
-    vocab = storage.join(hf_dir, "vocab.txt")
+    vocab = hf_tokenizer_file(hf_dir)
+    if vocab is None:
+        logging.warning("%s has no tokenizer file (tokenizer.json, tokenizer.model, vocab.txt, "
+                        "...); run.json records vocab: null, so pass --gin.VOCAB to train on "
+                        "the conversion.", hf_dir)
     info = {"model_config": dataclasses.asdict(converted.cfg), "objective": converted.objective,
-            "vocab": vocab if storage.exists(vocab) else None,
+            "vocab": vocab,
             "source": {"hf_dir": hf_dir, "model_type": converted.model_type}}
     if converted.num_labels:
         info["num_labels"] = converted.num_labels
@@ -169,24 +201,47 @@ def convert_from_hf(hf_dir: str, out: str, *, scan_layers: bool = False,
     return converted
 
 
-def _copy_wordpiece_files(vocab: str | None, hf_dir: str) -> None:
-    """Copies a WordPiece vocab.txt (and the tokenizer_config.json beside it) into HF_DIR."""
-    if not (vocab and vocab.endswith(".txt") and storage.exists(vocab)):
+def _hf_tokenizer_names(vocab: str) -> list[tuple[str, str]]:
+    """(source path, name in the HF directory) of the files that make up tokenizer file
+    `vocab`: the file under the name transformers looks for (vocab.txt, tokenizer.json,
+    vocab.json + merges.txt, tokenizer.model / spiece.model), and its side files that exist."""
+    directory, name = storage.dirname(vocab), storage.basename(vocab)
+    if name.endswith(".txt"):
+        files = [(vocab, "vocab.txt")]
+    elif name == "vocab.json":
+        files = [(vocab, name), (storage.join(directory, "merges.txt"), "merges.txt")]
+    elif name.endswith(".json"):
+        files = [(vocab, "tokenizer.json")]
+    else:  # SentencePiece
+        keep = name in ("tokenizer.model", "spiece.model")
+        files = [(vocab, name if keep else "tokenizer.model")]
+    side = [(storage.join(directory, n), n) for n in TOKENIZER_SIDE_FILES]
+    return files + [(src, n) for src, n in side if storage.isfile(src)]
+
+
+def _copy_tokenizer_files(vocab: str | None, hf_dir: str) -> None:
+    """Copies the run's tokenizer (any kind `load_tokenizer` reads; a directory VOCAB: its
+    tokenizer file) and its tokenizer_config.json / special_tokens_map.json into HF_DIR."""
+    if not vocab or not storage.exists(vocab):
         return
-    storage.write_bytes(storage.join(hf_dir, "vocab.txt"), storage.read_bytes(vocab))
-    config = storage.join(storage.dirname(vocab), "tokenizer_config.json")
-    if storage.exists(config):
-        storage.write_bytes(storage.join(hf_dir, "tokenizer_config.json"),
-                            storage.read_bytes(config))
+    if storage.isdir(vocab):
+        try:
+            vocab = find_tokenizer_file(vocab)
+        except VocabNotFoundError:
+            return
+    for src, name in _hf_tokenizer_names(vocab):
+        storage.write_bytes(storage.join(hf_dir, name), storage.read_bytes(src))
 
 
-def convert_to_hf(checkpoint: str, hf_dir: str, *, overwrite: bool = False) -> dict:
-    """Our workdir / converted directory -> HF_DIR/{config.json, model.safetensors} (+ the
-    WordPiece vocab.txt if the run used one). Returns the written config.json."""
-    _check_output(hf_dir, WEIGHTS_FILE, overwrite)
+def convert_to_hf(checkpoint: str, hf_dir: str, *, overwrite: bool = False,
+                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> dict:
+    """Our workdir / converted directory -> HF_DIR/{config.json, model.safetensors, or shards of
+    at most `max_shard_size` bytes with model.safetensors.index.json} (+ the run's tokenizer
+    files, `_copy_tokenizer_files`). Returns the written config.json."""
+    _check_output(hf_dir, (WEIGHTS_FILE, WEIGHTS_INDEX_FILE), overwrite)
     cfg, params, info = load_params(checkpoint)
     config, state = to_hf(cfg, params, _vocab_info(info.get("vocab")))
     _clear_output(hf_dir, WEIGHTS_FILE)
-    write_hf_dir(hf_dir, config, state)
-    _copy_wordpiece_files(info.get("vocab"), hf_dir)
+    write_hf_dir(hf_dir, config, state, max_shard_size=max_shard_size)
+    _copy_tokenizer_files(info.get("vocab"), hf_dir)
     return config

@@ -1,9 +1,12 @@
 """What a Hugging Face model family module provides (`ModelFamily`), what its import returns
 (`Converted`), and the config.json helpers the families share.
 
-A family module (research.checkpoints.hf.bert, .gpt2) defines `FAMILY = ModelFamily(...)`;
-research.checkpoints.hf.convert lists the families in its `FAMILIES` registry and dispatches on
-config.json's `model_type` (import) or on `can_export(cfg)` (export).
+A family module (research.checkpoints.hf.bert, .gpt2) defines `FAMILY = ModelFamily(...)`
+(research.checkpoints.hf.llama defines one per model_type it covers: `FAMILIES`, for llama,
+mistral, qwen2 and gemma); research.checkpoints.hf.convert lists the families in its `FAMILIES`
+registry and dispatches on config.json's `model_type` (import) or on `can_export(cfg)`
+(export, in registry order: BERT, the Llama-style ones, GPT-2 last, which takes every other
+causal config).
 """
 
 from __future__ import annotations

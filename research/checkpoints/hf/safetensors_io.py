@@ -1,5 +1,6 @@
 """Reading and writing Hugging Face checkpoint directories: `config.json` plus the weights as
-one `model.safetensors` or shards listed in `model.safetensors.index.json`.
+one `model.safetensors` or shards listed in `model.safetensors.index.json` (read either way;
+written as shards above `max_shard_size` bytes, 5 GB by default).
 
 State dicts are flat {HF key: numpy array}. bfloat16 tensors (which `safetensors.numpy`
 cannot represent) are read via ml_dtypes; writing stores what it is given (float32 here).
@@ -17,12 +18,14 @@ import numpy as np
 from safetensors.numpy import load, load_file, save, save_file
 
 from research import storage
-from research.checkpoints.errors import CheckpointNotFoundError
+from research.checkpoints.errors import CheckpointNotFoundError, ConversionError
 from research.checkpoints.hf.rules import Flat
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# Weights larger than this are written as shards (transformers 4's save_pretrained default).
+DEFAULT_MAX_SHARD_SIZE = 5 * 10 ** 9
 
 # safetensors dtype names -> numpy dtypes, for reading a file's raw buffer.
 _DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
@@ -90,15 +93,69 @@ def read_safetensors(directory: str) -> Flat:
                                   f"({WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}).{hint}")
 
 
-def write_hf_dir(directory: str, config: dict, state: Flat) -> None:
-    """Writes `config.json` and `model.safetensors` (metadata format=pt, as transformers
-    writes) into a local directory or a URL prefix."""
+def shard_tensors(tensors: Flat, max_shard_size: int) -> list[Flat]:
+    """Tensors split, in key order, into groups of at most `max_shard_size` bytes each (a
+    tensor larger than that gets a group of its own)."""
+    shards: list[Flat] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].nbytes
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    return shards
+
+
+def _write_safetensors(path: str, tensors: Flat) -> None:
+    """One .safetensors file (metadata format=pt, as transformers writes), local or remote."""
+    if storage.is_remote(path):
+        storage.write_bytes(path, save(tensors, metadata={"format": "pt"}))
+    else:
+        save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _remove_weights(directory: str) -> None:
+    """Removes `directory`'s model.safetensors, its index and the shards the index lists, so
+    that old weights of the other layout are not read instead of the new ones."""
+    index = storage.join(directory, WEIGHTS_INDEX_FILE)
+    old = [WEIGHTS_FILE]
+    if storage.exists(index):
+        old += sorted(set(json.loads(storage.read_text(index)).get("weight_map", {}).values()))
+        old.append(WEIGHTS_INDEX_FILE)
+    for name in old:
+        path = storage.join(directory, name)
+        if storage.exists(path):
+            storage.remove(path)
+
+
+def write_hf_dir(directory: str, config: dict, state: Flat,
+                 max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
+    """Writes `config.json` and the weights into a local directory or a URL prefix: one
+    `model.safetensors` when they take at most `max_shard_size` bytes, else shards
+    `model-00001-of-0000N.safetensors` of at most that size (a larger tensor alone) listed in
+    `model.safetensors.index.json` ({"metadata": {"total_size"}, "weight_map": {key: file}}),
+    as transformers' `save_pretrained(max_shard_size=...)` writes them. Weights of an earlier
+    write in either layout are removed."""
+    if max_shard_size < 1:
+        raise ConversionError(f"max_shard_size must be a positive number of bytes, got "
+                         f"{max_shard_size}.")
     storage.makedirs(directory)
+    _remove_weights(directory)
     storage.write_text(storage.join(directory, CONFIG_FILE),
                        json.dumps(config, indent=2, sort_keys=True))
     tensors = {k: np.ascontiguousarray(v) for k, v in state.items()}
-    weights = storage.join(directory, WEIGHTS_FILE)
-    if storage.is_remote(directory):
-        storage.write_bytes(weights, save(tensors, metadata={"format": "pt"}))
-    else:
-        save_file(tensors, weights, metadata={"format": "pt"})
+    shards = shard_tensors(tensors, max_shard_size)
+    if len(shards) == 1:
+        _write_safetensors(storage.join(directory, WEIGHTS_FILE), tensors)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(storage.join(directory, name), shard)
+        weight_map.update({key: name for key in shard})
+    total = sum(t.nbytes for t in tensors.values())
+    storage.write_text(storage.join(directory, WEIGHTS_INDEX_FILE),
+                       json.dumps({"metadata": {"total_size": total},
+                                   "weight_map": dict(sorted(weight_map.items()))}, indent=2))
