@@ -42,7 +42,7 @@ from research.checkpoints.manager import Checkpointer
 from research.data.tokenizer import load_tokenizer
 from research.decoding import beam_search as beam_lib
 from research.decoding import sampling, stopping
-from research.decoding.cache import check_length, left_pad
+from research.decoding.cache import cache_sized, check_length, left_pad
 from research.decoding.layout import Layout, run_rules
 from research.decoding.sampling import sample_logits
 from research.errors import ConfigError
@@ -82,6 +82,7 @@ def generate(model: CausalLM, params, prompts: Sequence[Sequence[int]], *, max_n
                           "at least 1.")
     tokens, segments = left_pad(prompts, pad_id)
     check_length(model, tokens.shape[1], max_new_tokens)
+    model = cache_sized(model, tokens.shape[1] + max_new_tokens)
     if stop and (decode is None or num_beams > 1):
         raise ConfigError("stop strings need a decode function and work with greedy decoding "
                           "or sampling, not beam search (num_beams > 1).")

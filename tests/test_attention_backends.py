@@ -123,14 +123,9 @@ def cudnn_calls(hlo: str) -> list[tuple[str, dict]]:
     return calls
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_auto_attention_lowers_to_cudnn_with_the_segment_mask(cuda_lowering, causal):
-    """A bf16 stack lowered for CUDA, forward and gradients: every attention is cuDNN's fused
-    kernel (forward and backward) with the segment mask as a [B, 1, T, T] bias, the CAUSAL mask
-    type when causal (cuDNN skips the tiles above the diagonal) and the scale 1/sqrt(H); no
-    einsum attention and no conditional (XLA:GPU reads predicates back on the host)."""
-    cfg = TransformerConfig(**{**BERTISH, "causal": causal, "attention_dropout_rate": 0.0,
-                               "dropout_rate": 0.1})
+def training_hlo_for_cuda(cfg: TransformerConfig) -> str:
+    """The StableHLO of the gradient of a stack's summed output (training: dropout on),
+    lowered for CUDA on this machine; batch 2 x 64, one segment."""
     toks = jnp.ones((2, 64), jnp.int32)
     stack = TransformerStack(cfg)
     params = jax.eval_shape(lambda: nn.unbox(stack.init(jax.random.key(0), toks))["params"])
@@ -140,7 +135,17 @@ def test_auto_attention_lowers_to_cudnn_with_the_segment_mask(cuda_lowering, cau
                           rngs={"dropout": jax.random.key(1)})
         return jnp.sum(out.astype(jnp.float32))
 
-    hlo = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+    return jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_auto_attention_lowers_to_cudnn_with_the_segment_mask(cuda_lowering, causal):
+    """A bf16 stack lowered for CUDA, forward and gradients: every attention is cuDNN's fused
+    kernel (forward and backward) with the segment mask as a [B, 1, T, T] bias, the CAUSAL mask
+    type when causal (cuDNN skips the tiles above the diagonal) and the scale 1/sqrt(H); no
+    einsum attention and no conditional (XLA:GPU reads predicates back on the host)."""
+    hlo = training_hlo_for_cuda(TransformerConfig(
+        **{**BERTISH, "causal": causal, "attention_dropout_rate": 0.0, "dropout_rate": 0.1}))
     calls = cudnn_calls(hlo)
     assert sorted(name for name, _ in calls) == sorted(
         ["__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"] * 2)
@@ -176,17 +181,7 @@ def test_cudnn_attention_dropout_lowers_into_the_fused_kernel(cuda_lowering, mon
     and backward, with the dropout rate and a different seed in each layer; no einsum softmax
     and no dropout bits drawn by JAX for the probabilities."""
     monkeypatch.setattr(attention_cudnn, "DROPOUT_IN_MODELS", True)
-    cfg = TransformerConfig(**BERTISH)
-    toks = jnp.ones((2, 64), jnp.int32)
-    stack = TransformerStack(cfg)
-    params = jax.eval_shape(lambda: nn.unbox(stack.init(jax.random.key(0), toks))["params"])
-
-    def loss(p):
-        out = stack.apply({"params": p}, toks, segment_ids=toks, deterministic=False,
-                          rngs={"dropout": jax.random.key(1)})
-        return jnp.sum(out.astype(jnp.float32))
-
-    hlo = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+    hlo = training_hlo_for_cuda(TransformerConfig(**BERTISH))
     calls = cudnn_calls(hlo)
     assert len(calls) == 4 and all("Dropout" in name for name, _ in calls)
     assert all(config["dropout_rate"] == pytest.approx(0.1) for _, config in calls)

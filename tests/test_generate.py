@@ -45,6 +45,22 @@ def test_kv_cache_equals_no_cache(options, sampling):
     assert all(1 <= len(row) <= 12 for row in cached)
 
 
+def test_the_cache_holds_the_request_not_max_len():
+    """A rotary model with a long max_len (Llama 3's is 131072) decodes through a cache of the
+    prompt + new tokens rounded up to 256 positions, with the same tokens as no cache."""
+    from research.decoding.cache import cache_sized
+
+    model, params = model_and_params(position="rotary", num_kv_heads=2)
+    model = CausalLM(dataclasses.replace(model.cfg, max_len=4096))
+    assert cache_sized(model, 20).cfg.max_len == 256 and cache_sized(model, 300).cfg.max_len == 512
+    assert cache_sized(model, 5000) is model
+    learned, _ = model_and_params()
+    assert cache_sized(learned, 20) is learned  # its position table has max_len rows
+    kw = dict(max_new_tokens=12, eos_id=3, pad_id=0, temperature=0.0)
+    assert generate(model, params, PROMPTS, **kw) == generate(model, params, PROMPTS,
+                                                             use_cache=False, **kw)
+
+
 def test_batched_prompts_equal_single_prompts():
     model, params = model_and_params()
     batched = generate(model, params, PROMPTS, max_new_tokens=10, eos_id=3, pad_id=0, temperature=0)

@@ -11,6 +11,7 @@ Shapes: B batch rows, P padded prompt length, V vocab; the cache holds max_len p
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -45,6 +46,21 @@ def check_length(model: CausalLM, prompt_width: int, max_new_tokens: int) -> Non
     if prompt_width + max_new_tokens > limit:
         raise ConfigError(f"prompt ({prompt_width} tokens) + max_new_tokens ({max_new_tokens}) "
                           f"exceeds the model's max_len {limit}; shorten one of them.")
+
+
+CACHE_MULTIPLE = 256  # cache lengths are rounded up to this, so few lengths compile
+
+
+def cache_sized(model: CausalLM, length: int) -> CausalLM:
+    """`model` with a KV cache of `length` positions rounded up to CACHE_MULTIPLE (at most its
+    max_len), when its positions take no table of max_len rows (rotary or none: the parameters
+    are the same); learned positions keep max_len. A Llama-3 config's max_len of 131072 would
+    otherwise allocate a cache that long for a short generation."""
+    cfg = model.cfg
+    size = min(cfg.max_len, -(-length // CACHE_MULTIPLE) * CACHE_MULTIPLE)
+    if cfg.position == "learned" or size == cfg.max_len:
+        return model
+    return CausalLM(dataclasses.replace(cfg, max_len=size))
 
 
 def prompt_positions(segments: Array) -> Array:

@@ -5,6 +5,8 @@ into the shared part (`research.checkpoints.init_from`):
 
   encoder (BERT): encoder/... + pooler/{kernel,bias} (tanh over [CLS]) + classifier/{kernel,bias}
   decoder (GPT):  decoder/... + classifier/{kernel,bias} over the last non-pad token
+  tokens (BERT):  encoder/... + classifier/{kernel,bias} on every position (TokenClassifier)
+  spans (BERT):   encoder/... + qa_outputs/{kernel,bias}: start/end logits (SpanExtractor)
 
 The head sees dropout (`head_dropout`) and starts from N(0, 0.02) weights and zero bias, as
 BERT fine-tuning does.
@@ -68,3 +70,66 @@ class SequenceClassifier(nn.Module):
             pooled = jnp.tanh(self.pooler(hidden[:, 0]))
         pooled = self.dropout(pooled, deterministic=deterministic)
         return self.classifier(pooled).astype(jnp.float32)
+
+
+class SpanExtractor(nn.Module):
+    """Extractive QA head (BERT's SQuAD head): a dense D -> 2 over the encoder's final hidden
+    states gives the start and end logits of every position.
+
+    Parameters (logical axes): encoder/... (cfg.causal False); qa_outputs/{kernel, bias}
+    [D, 2] ('embed', 'classes'), [2] ('classes',), N(0, head_init_std) and zero, as Hugging
+    Face `BertForQuestionAnswering`'s `qa_outputs` (no pooler, no head dropout).
+    """
+
+    cfg: TransformerConfig
+    head_init_std: float = 0.02
+
+    def setup(self):
+        cfg = self.cfg
+        self.encoder = TransformerStack(cfg, name="encoder")
+        self.qa_outputs = nn.Dense(2, kernel_init=normal_init(self.head_init_std,
+                                                              ("embed", "classes")),
+                                   bias_init=zeros_init(("classes",)), name="qa_outputs",
+                                   dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+
+    def __call__(self, input_ids: Array, input_mask: Array, token_type_ids: Array, *,
+                 deterministic: bool = True) -> tuple[Array, Array]:
+        """input_ids, input_mask (1 real / 0 pad), token_type_ids: int[B, L].
+        Returns (start_logits, end_logits), float32 [B, L] each."""
+        hidden = self.encoder(input_ids, segment_ids=input_mask.astype(jnp.int32),
+                              token_type_ids=token_type_ids, deterministic=deterministic)
+        logits = self.qa_outputs(hidden).astype(jnp.float32)  # [B, L, 2]
+        return logits[..., 0], logits[..., 1]
+
+
+class TokenClassifier(nn.Module):
+    """Per-token classification (NER, POS, chunking) on a bidirectional encoder, as HF
+    `BertForTokenClassification`: dropout on the final hidden states, then a dense layer.
+    Returns float32 logits [B, L, num_labels].
+
+    Parameters (logical axes): encoder/... (no pooler); classifier/{kernel, bias}
+    [D, num_labels] ('embed', 'classes'), [num_labels] ('classes',).
+    """
+
+    cfg: TransformerConfig
+    num_labels: int
+    head_dropout: float = 0.1
+    head_init_std: float = 0.02
+
+    def setup(self):
+        cfg = self.cfg
+        self.encoder = TransformerStack(cfg, name="encoder")
+        self.dropout = Dropout(self.head_dropout)
+        self.classifier = nn.Dense(self.num_labels,
+                                   kernel_init=normal_init(self.head_init_std, ("embed", "classes")),
+                                   bias_init=zeros_init(("classes",)), name="classifier",
+                                   dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+
+    def __call__(self, input_ids: Array, input_mask: Array, token_type_ids: Array, *,
+                 deterministic: bool = True) -> Array:
+        """input_ids, input_mask (1 real / 0 pad), token_type_ids: int[B, L].
+        Returns float32 [B, L, num_labels]."""
+        hidden = self.encoder(input_ids, segment_ids=input_mask.astype(jnp.int32),
+                              token_type_ids=token_type_ids, deterministic=deterministic)
+        hidden = self.dropout(hidden, deterministic=deterministic)
+        return self.classifier(hidden).astype(jnp.float32)

@@ -86,7 +86,7 @@ def write_predictions(workdir: str, setup: Setup, predict_step: Callable, params
     if jax.process_index() != 0:
         return
     path = storage.join(workdir, PREDICTIONS_FILE)
-    rows = [f"{int(i)}\t{setup.objective.format_prediction(float(p))}\n"
+    rows = [f"{int(i)}\t{setup.objective.format_prediction(p)}\n"
             for i, p in zip(preds["index"], preds["prediction"])]
     workdir_lib.write_text(path, "index\tprediction\n" + "".join(rows))
     logging.info("wrote %d test predictions to %s", len(preds["index"]), path)

@@ -5,7 +5,10 @@ Our tree: encoder/... (post-LN TransformerStack with token types and an embeddin
 and the heads the HF file holds: pooler/..., mlm_transform/..., mlm_norm/...,
 mlm_output_bias, mlm_output/kernel (untied embeddings only), nsp/..., classifier/...
 Supported HF architectures: BertModel, BertForPreTraining, BertForMaskedLM,
-BertForSequenceClassification; absolute position embeddings only.
+BertForSequenceClassification, BertForQuestionAnswering (qa_outputs/... <-> qa_outputs, the
+`SpanExtractor` head); absolute position embeddings only.
+BertForTokenClassification is the `TokenClassifier` head: encoder/... + classifier/... and no
+pooler (how import and export tell it from BertForSequenceClassification).
 
 Shapes: D d_model, N heads, H head_dim, F mlp width, V vocab, P max positions, T token types,
 C classes.
@@ -25,11 +28,14 @@ from research.checkpoints.hf.rules import (
 from research.models.transformer import TransformerConfig
 
 SUPPORTED = "BertModel, BertForPreTraining, BertForMaskedLM, BertForSequenceClassification"
+SUPPORTED += ", BertForQuestionAnswering"
+SUPPORTED += ", BertForTokenClassification"
 
 # Head group -> the key of our params that marks it present.
 _HEAD_PARAMS = {"pooler": "pooler/kernel", "mlm": "mlm_transform/kernel",
                 "mlm_output": "mlm_output/kernel", "nsp": "nsp/kernel",
                 "classifier": "classifier/kernel"}
+_HEAD_PARAMS["qa"] = "qa_outputs/kernel"  # BertForQuestionAnswering
 
 
 def bert_rules(cfg: TransformerConfig, groups: Iterable[str], num_labels: int = 0,
@@ -71,6 +77,8 @@ def bert_rules(cfg: TransformerConfig, groups: Iterable[str], num_labels: int = 
         rules += linear("cls.seq_relationship", "nsp", (d,), (2,))
     if "classifier" in groups:
         rules += linear("classifier", "classifier", (d,), (num_labels,))
+    if "qa" in groups:  # BertForQuestionAnswering: start / end logits
+        rules += linear("qa_outputs", "qa_outputs", (d,), (2,))
     return rules
 
 
@@ -127,6 +135,8 @@ def bert_from_hf(hf_config: dict, state: Flat) -> fam.Converted:
                                ("mlm", "cls.predictions.transform.dense.weight"),
                                ("nsp", "cls.seq_relationship.weight"),
                                ("classifier", "classifier.weight")) if key in state}
+    if prefix and "qa_outputs.weight" in state:  # BertForQuestionAnswering
+        groups.add("qa")
     ignorable = ["cls.predictions.decoder.bias"]  # HF ties it to cls.predictions.bias
     if "mlm" in groups and "cls.predictions.decoder.weight" in state:
         if cfg.tie_embeddings:
@@ -144,7 +154,20 @@ def bert_from_hf(hf_config: dict, state: Flat) -> fam.Converted:
                         "head always uses exact GELU, so MLM logits will differ slightly.",
                         hf_config.get("hidden_act"))
     objective = "classification" if "classifier" in groups else "bert_pretraining"
+    objective = "extractive_qa" if "qa" in groups else objective
+    if _is_token_classifier(hf_config, groups):  # BertForTokenClassification
+        objective = "token_classification"
     return fam.Converted(cfg, apply_rules_to_ours(rules, state), objective, "bert", num_labels)
+
+
+def _is_token_classifier(hf_config: dict, groups: set[str]) -> bool:
+    """A BertForTokenClassification: per-token `classifier` on the final hidden states, named
+    in config.json's architectures, or recognised by having no pooler (HF builds it with
+    add_pooling_layer=False; BertForSequenceClassification always has one)."""
+    if "classifier" not in groups:
+        return False
+    return ("BertForTokenClassification" in (hf_config.get("architectures") or [])
+            or "pooler" not in groups)
 
 
 # ----------------------------------------------------------------------------- export ---------
@@ -158,8 +181,12 @@ def _bert_groups(params: Flat) -> tuple[set[str], str, int]:
         arch = "BertForPreTraining"
     elif "mlm" in groups:
         arch = "BertForMaskedLM"
+    elif "classifier" in groups and "pooler" not in groups:  # TokenClassifier: no pooler
+        arch = "BertForTokenClassification"
     elif "classifier" in groups:
         arch = "BertForSequenceClassification"
+    elif "qa" in groups:
+        arch = "BertForQuestionAnswering"
     else:
         arch = "BertModel"
     return groups, arch, num_labels
