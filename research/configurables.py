@@ -5,4 +5,5 @@ from research.models import transformer  # noqa: F401
 from research.objectives import bert_pretraining, causal_lm, classification  # noqa: F401
 from research.objectives import extractive_qa  # noqa: F401
 from research.objectives import token_classification  # noqa: F401
+from research.objectives import multiple_choice  # noqa: F401
 from research.training import loop, optim, partitioning  # noqa: F401

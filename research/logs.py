@@ -43,13 +43,14 @@ class _ConsoleFormatter(logging.Formatter):
         return f"{self.formatTime(record, self.datefmt)} {level}{record.message.rstrip()}"
 
 
-class _TqdmHandler(logging.StreamHandler):
-    """Writes each record with `tqdm.write`, which clears the progress bars on the stream,
-    prints the line and redraws them."""
+class _TqdmHandler(logging.Handler):
+    """Writes each record to the current `sys.stderr` (not the one of when it was made: a
+    replaced stream, as test captures replace it, may be closed) with `tqdm.write`, which clears
+    the progress bars on the stream, prints the line and redraws them."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging's contract: report, never raise
             self.handleError(record)
 
@@ -61,16 +62,28 @@ def setup(level: int = logging.INFO) -> None:
     _install_console_handler(level)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # off and on again: if something replaced `warnings.showwarning` since an earlier setup(),
+    # logging would believe it still captures warnings and leave them alone
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
 
 
+def _is_basic_config_handler(handler: logging.Handler) -> bool:
+    """The stderr handler `logging.basicConfig()` installs, which absl's logging calls when it
+    logs before anything configured logging (Orbax does at import): with ours every line would
+    print twice, once as `INFO:root:...`."""
+    return (type(handler) is logging.StreamHandler and handler.formatter is not None
+            and handler.formatter._fmt == logging.BASIC_FORMAT)
+
+
 def _install_console_handler(level: int) -> None:
-    """Puts one _TqdmHandler on the root logger (replacing an earlier one of ours; handlers
-    others installed, such as pytest's, stay)."""
+    """Puts one _TqdmHandler on the root logger (replacing an earlier one of ours and a
+    `basicConfig` one; handlers others installed, such as pytest's, stay)."""
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, _TqdmHandler)]:
+    for handler in [h for h in root.handlers
+                    if isinstance(h, _TqdmHandler) or _is_basic_config_handler(h)]:
         root.removeHandler(handler)
-    handler = _TqdmHandler(sys.stderr)
+    handler = _TqdmHandler()
     handler.setFormatter(_ConsoleFormatter())
     root.addHandler(handler)
     root.setLevel(level)

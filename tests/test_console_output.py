@@ -103,6 +103,27 @@ def test_setup_installs_one_quiet_console_handler(console, capsys):
     assert all(line[2] == line[5] == ":" and line[8] == " " for line in lines)  # HH:MM:SS
 
 
+def test_setup_replaces_the_basic_config_handler_absl_installs(console, capsys):
+    """absl logs through `logging.basicConfig()` when nothing configured logging yet (Orbax
+    does at import): after setup() each line prints once, in our format."""
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    for handler in saved:
+        root.removeHandler(handler)
+    try:
+        logging.basicConfig()
+        basic = [h for h in root.handlers if h not in saved]
+        assert len(basic) == 1
+        logs.setup()
+        assert basic[0] not in root.handlers
+        logging.getLogger("research.x").info("once")
+        err = capsys.readouterr().err
+        assert "INFO:research.x:once" not in err and err.count("once") == 1
+    finally:
+        for handler in saved:
+            root.addHandler(handler)
+
+
 def test_setup_keeps_a_log_level_the_user_chose(console, monkeypatch):
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
     logs.setup()

@@ -1,7 +1,7 @@
 """Decoding equals Hugging Face `transformers`' `generate`, token for token: greedy decoding
 (EOS stopping included) and beam search (num_beams, length_penalty, early_stopping), on a
-ragged, left-padded batch of prompts, for GPT-2, Llama (GQA, untied embeddings) and Qwen2 (q/k/v
-biases).
+ragged, left-padded batch of prompts, for GPT-2, Llama (GQA, untied embeddings), Qwen2 (q/k/v
+biases), Mistral (a sliding window shorter than the generated length) and Gemma.
 
 Each HF model is built offline from a tiny random config, its weights randomised (so biases and
 norms matter), converted with research.checkpoints.hf, and run in float32 on both sides; the
@@ -36,6 +36,14 @@ FAMILIES = {
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
     "qwen2": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+    # A sliding window far shorter than prompt + NEW_TOKENS (without it the tokens differ).
+    "mistral": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                    sliding_window=8),
+    # MQA, GeGLU, tied embeddings scaled by sqrt(d_model), the 1 + weight RMSNorm.
+    "gemma": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                  max_position_embeddings=64),
 }
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
 PAD = 0

@@ -7,6 +7,8 @@ into the shared part (`research.checkpoints.init_from`):
   decoder (GPT):  decoder/... + classifier/{kernel,bias} over the last non-pad token
   tokens (BERT):  encoder/... + classifier/{kernel,bias} on every position (TokenClassifier)
   spans (BERT):   encoder/... + qa_outputs/{kernel,bias}: start/end logits (SpanExtractor)
+  choices (BERT): encoder/... + pooler/... + choice_classifier/{kernel,bias}: one score per
+                  choice (MultipleChoiceClassifier)
 
 The head sees dropout (`head_dropout`) and starts from N(0, 0.02) weights and zero bias, as
 BERT fine-tuning does.
@@ -133,3 +135,41 @@ class TokenClassifier(nn.Module):
                               token_type_ids=token_type_ids, deterministic=deterministic)
         hidden = self.dropout(hidden, deterministic=deterministic)
         return self.classifier(hidden).astype(jnp.float32)
+
+
+class MultipleChoiceClassifier(nn.Module):
+    """Multiple choice (SWAG) on a bidirectional encoder, as HF `BertForMultipleChoice`: each
+    choice's [CLS] ctx [SEP] ending [SEP] is encoded on its own, the pooled [CLS] (tanh dense)
+    goes through dropout and a dense D -> 1; the N scores of an example are its logits.
+
+    Parameters (logical axes): encoder/... + pooler/{kernel, bias} [D, D] ('mlp', 'embed'),
+    [D] ('embed',); choice_classifier/{kernel, bias} [D, 1] ('embed', 'classes'), [1]
+    ('classes',) (its own name, so an export tells it from a 1-output SequenceClassifier).
+    """
+
+    cfg: TransformerConfig
+    head_dropout: float = 0.1
+    head_init_std: float = 0.02
+
+    def setup(self):
+        cfg = self.cfg
+        dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+        self.encoder = TransformerStack(cfg, name="encoder")
+        self.pooler = nn.Dense(cfg.d_model, kernel_init=normal_init(cfg.init_std, ("mlp", "embed")),
+                               bias_init=zeros_init(("embed",)), name="pooler", **dense)
+        self.dropout = Dropout(self.head_dropout)
+        self.choice_classifier = nn.Dense(
+            1, kernel_init=normal_init(self.head_init_std, ("embed", "classes")),
+            bias_init=zeros_init(("classes",)), name="choice_classifier", **dense)
+
+    def __call__(self, input_ids: Array, input_mask: Array, token_type_ids: Array, *,
+                 deterministic: bool = True) -> Array:
+        """input_ids, input_mask (1 real / 0 pad), token_type_ids: int[B, N, L].
+        Returns float32 [B, N] choice logits."""
+        b, n, length = input_ids.shape
+        flat = lambda x: x.reshape(b * n, length)  # noqa: E731
+        hidden = self.encoder(flat(input_ids), segment_ids=flat(input_mask).astype(jnp.int32),
+                              token_type_ids=flat(token_type_ids), deterministic=deterministic)
+        pooled = jnp.tanh(self.pooler(hidden[:, 0]))
+        pooled = self.dropout(pooled, deterministic=deterministic)
+        return self.choice_classifier(pooled).astype(jnp.float32).reshape(b, n)

@@ -27,8 +27,10 @@ from research.models.transformer import TransformerConfig
 from research.objectives.base import Batch, Objective
 from research.objectives.task_metrics import task_metrics
 
-# The tokenizer pieces each input layout needs (checked when the iterator is made).
-STYLE_PIECES = {"encoder": ("cls", "sep"), "decoder": ("bos", "eos", "sep")}
+# The tokenizer pieces each input layout needs (checked when the iterator is made); a
+# decoder needs its separator only between the two texts of a pair (Llama has none).
+STYLE_PIECES = {"encoder": ("cls", "sep"), "decoder": ("bos", "eos")}
+PAIR_PIECES = {"encoder": (), "decoder": ("sep",)}
 
 
 @gin.configurable
@@ -120,7 +122,8 @@ class ClassificationObjective(Objective):
         if self.style is None:
             raise RuntimeError("ClassificationObjective: call objective.for_model(cfg) before "
                                "make_iterator (the input layout depends on the model).")
-        tokenizer.require_special(*STYLE_PIECES[self.style])
+        pair = PAIR_PIECES[self.style] if len(self.text_fields) > 1 else ()
+        tokenizer.require_special(*STYLE_PIECES[self.style], *pair)
         return make_classification_iterator(source, tokenizer, style=self.style, **kwargs)
 
     def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:

@@ -9,6 +9,9 @@ BertForSequenceClassification, BertForQuestionAnswering (qa_outputs/... <-> qa_o
 `SpanExtractor` head); absolute position embeddings only.
 BertForTokenClassification is the `TokenClassifier` head: encoder/... + classifier/... and no
 pooler (how import and export tell it from BertForSequenceClassification).
+BertForMultipleChoice is the `MultipleChoiceClassifier` head: encoder/... + pooler/... +
+choice_classifier/... <-> classifier (D -> 1); import recognises it by config.json's
+architectures (its tensors are those of a 1-label BertForSequenceClassification).
 
 Shapes: D d_model, N heads, H head_dim, F mlp width, V vocab, P max positions, T token types,
 C classes.
@@ -30,12 +33,14 @@ from research.models.transformer import TransformerConfig
 SUPPORTED = "BertModel, BertForPreTraining, BertForMaskedLM, BertForSequenceClassification"
 SUPPORTED += ", BertForQuestionAnswering"
 SUPPORTED += ", BertForTokenClassification"
+SUPPORTED += ", BertForMultipleChoice"
 
 # Head group -> the key of our params that marks it present.
 _HEAD_PARAMS = {"pooler": "pooler/kernel", "mlm": "mlm_transform/kernel",
                 "mlm_output": "mlm_output/kernel", "nsp": "nsp/kernel",
                 "classifier": "classifier/kernel"}
 _HEAD_PARAMS["qa"] = "qa_outputs/kernel"  # BertForQuestionAnswering
+_HEAD_PARAMS["choice"] = "choice_classifier/kernel"  # BertForMultipleChoice
 
 
 def bert_rules(cfg: TransformerConfig, groups: Iterable[str], num_labels: int = 0,
@@ -79,6 +84,8 @@ def bert_rules(cfg: TransformerConfig, groups: Iterable[str], num_labels: int = 
         rules += linear("classifier", "classifier", (d,), (num_labels,))
     if "qa" in groups:  # BertForQuestionAnswering: start / end logits
         rules += linear("qa_outputs", "qa_outputs", (d,), (2,))
+    if "choice" in groups:  # BertForMultipleChoice: one score per choice
+        rules += linear("classifier", "choice_classifier", (d,), (1,))
     return rules
 
 
@@ -146,6 +153,8 @@ def bert_from_hf(hf_config: dict, state: Flat) -> fam.Converted:
     elif "mlm" in groups and not cfg.tie_embeddings:
         raise ConversionError("config.json tie_word_embeddings=false but the checkpoint has no "
                               "cls.predictions.decoder.weight (the untied MLM output matrix).")
+    if _is_multiple_choice(hf_config, groups, state):  # BertForMultipleChoice
+        groups = (groups - {"classifier"}) | {"choice"}
     num_labels = int(state["classifier.weight"].shape[0]) if "classifier" in groups else 0
     rules = bert_rules(cfg, groups, num_labels, prefix)
     fam.raise_unmapped(unused_hf_keys(state, rules, ignorable), "bert", SUPPORTED)
@@ -157,6 +166,8 @@ def bert_from_hf(hf_config: dict, state: Flat) -> fam.Converted:
     objective = "extractive_qa" if "qa" in groups else objective
     if _is_token_classifier(hf_config, groups):  # BertForTokenClassification
         objective = "token_classification"
+    if "choice" in groups:
+        objective = "multiple_choice"
     return fam.Converted(cfg, apply_rules_to_ours(rules, state), objective, "bert", num_labels)
 
 
@@ -168,6 +179,17 @@ def _is_token_classifier(hf_config: dict, groups: set[str]) -> bool:
         return False
     return ("BertForTokenClassification" in (hf_config.get("architectures") or [])
             or "pooler" not in groups)
+
+
+def _is_multiple_choice(hf_config: dict, groups: set[str], state: Flat) -> bool:
+    """A BertForMultipleChoice: named in config.json's architectures, with a pooler and a
+    D -> 1 `classifier`."""
+    if "BertForMultipleChoice" not in (hf_config.get("architectures") or []):
+        return False
+    if not {"pooler", "classifier"} <= groups or state["classifier.weight"].shape[0] != 1:
+        raise ConversionError("config.json names BertForMultipleChoice but the checkpoint has "
+                              "no bert.pooler and 1-output classifier; it is not one.")
+    return True
 
 
 # ----------------------------------------------------------------------------- export ---------
@@ -187,6 +209,8 @@ def _bert_groups(params: Flat) -> tuple[set[str], str, int]:
         arch = "BertForSequenceClassification"
     elif "qa" in groups:
         arch = "BertForQuestionAnswering"
+    elif "choice" in groups:
+        arch = "BertForMultipleChoice"
     else:
         arch = "BertModel"
     return groups, arch, num_labels

@@ -4,7 +4,13 @@ parameters.
 Our tree: decoder/... (pre-LN causal TransformerStack) and lm_head/kernel when the embeddings
 are not tied. GPT-2's `Conv1D` weights are stored [in, out] already (no transposes); its fused
 `c_attn` [D, 3*N*H] splits into query/key/value. Supported HF architectures: GPT2Model,
-GPT2LMHeadModel (the export writes GPT2LMHeadModel, `lm_head.weight` included even when tied).
+GPT2LMHeadModel (the export writes GPT2LMHeadModel, `lm_head.weight` included even when tied),
+GPT2ForSequenceClassification: `score.weight` [C, D] (no bias) <-> classifier/kernel [D, C] of
+the decoder `SequenceClassifier` (research.models.heads), both pooling the last non-pad token.
+Import sets classifier/bias to zero. Export folds a nonzero classifier/bias b into the final
+LayerNorm's bias (ln_f.bias += delta with kernel^T delta = b, least squares in float64; only
+the score head reads ln_f there), so the HF logits equal ours; it raises if b cannot be
+expressed that way (num_labels > D, or a rank-deficient kernel).
 
 Shapes: D d_model, N heads, H head_dim, F mlp width, V vocab, P max positions.
 """
@@ -13,6 +19,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from research.checkpoints.errors import ConversionError
 from research.checkpoints.hf import family as fam
 from research.checkpoints.hf.rules import (
@@ -20,12 +28,15 @@ from research.checkpoints.hf.rules import (
     unused_hf_keys, verbatim)
 from research.models.transformer import TransformerConfig
 
-SUPPORTED = "GPT2Model, GPT2LMHeadModel"
+SUPPORTED = "GPT2Model, GPT2LMHeadModel, GPT2ForSequenceClassification"
+_FOLD_TOL = 1e-6  # relative residual allowed when folding the classifier bias into ln_f
 
 
-def gpt2_rules(cfg: TransformerConfig, prefix: str = "transformer.") -> list[Rule]:
+def gpt2_rules(cfg: TransformerConfig, prefix: str = "transformer.",
+               num_labels: int = 0) -> list[Rule]:
     """Rules for a GPT-2 checkpoint (GPT2LMHeadModel with prefix "transformer.", GPT2Model
-    with ""). Conv1D weights are [in, out] already: no transposes."""
+    with ""; num_labels > 0: GPT2ForSequenceClassification's `score` instead of an LM head).
+    Conv1D weights are [in, out] already: no transposes."""
     d, n, h, f, v = dims(cfg)
     o, p = "decoder", prefix
     rules = [verbatim(f"{p}wte.weight", f"{o}/token_embed/embedding", (v, d)),
@@ -47,7 +58,10 @@ def gpt2_rules(cfg: TransformerConfig, prefix: str = "transformer.") -> list[Rul
                   verbatim(f"{hl}.mlp.c_proj.weight", f"{ol}/mlp/wo/kernel", (f, d)),
                   verbatim(f"{hl}.mlp.c_proj.bias", f"{ol}/mlp/wo/bias", (d,))]
     rules += layernorm(f"{p}ln_f", f"{o}/final_norm", d)
-    if not cfg.tie_embeddings:
+    if num_labels:  # GPT2ForSequenceClassification: nn.Linear(D, C, bias=False)
+        rules.append(Rule("score.weight", "classifier/kernel", (num_labels, d), (d, num_labels),
+                          transpose=True))
+    elif not cfg.tie_embeddings:
         rules.append(Rule("lm_head.weight", "lm_head/kernel", (v, d), (d, v), transpose=True))
     return rules
 
@@ -86,9 +100,17 @@ def gpt2_config_from_hf(hf: dict) -> TransformerConfig:
 
 
 def gpt2_from_hf(hf_config: dict, state: Flat) -> fam.Converted:
-    """GPT-2 state dict (with or without the `transformer.` prefix) -> CausalLM params."""
+    """GPT-2 state dict (with or without the `transformer.` prefix) -> CausalLM params, or
+    decoder SequenceClassifier params (classifier/bias zero) for a GPT2ForSequenceClassification."""
     cfg = gpt2_config_from_hf(hf_config)
     prefix = "transformer." if "transformer.wte.weight" in state else ""
+    if "score.weight" in state:
+        num_labels = int(state["score.weight"].shape[0])
+        rules = gpt2_rules(cfg, prefix, num_labels)
+        fam.raise_unmapped(unused_hf_keys(state, rules), "gpt2", SUPPORTED)
+        params = apply_rules_to_ours(rules, state)
+        params["classifier/bias"] = np.zeros((num_labels,), np.float32)
+        return fam.Converted(cfg, params, "classification", "gpt2", num_labels)
     if not cfg.tie_embeddings and "lm_head.weight" not in state:
         raise ConversionError("config.json tie_word_embeddings=false but the checkpoint has no "
                               "lm_head.weight.")
@@ -101,11 +123,8 @@ def gpt2_from_hf(hf_config: dict, state: Flat) -> fam.Converted:
 # ----------------------------------------------------------------------------- export ---------
 
 
-def _check_exportable(cfg: TransformerConfig, params: Flat) -> None:
-    """Raises if `cfg` (or a head in `params`) is something HF GPT-2 cannot express."""
-    if any(k.startswith("classifier/") for k in params):
-        raise ConversionError("a causal SequenceClassifier (decoder + classifier) has no HF "
-                              "GPT-2 export; export a CausalLM checkpoint.")
+def _check_exportable(cfg: TransformerConfig) -> None:
+    """Raises if `cfg` is something HF GPT-2 cannot express."""
     problems = fam.export_problems(cfg, "gpt2")
     if cfg.norm_placement != "pre":
         problems.append("norm_placement='post' (HF GPT-2 is pre-LN)")
@@ -114,10 +133,17 @@ def _check_exportable(cfg: TransformerConfig, params: Flat) -> None:
     fam.raise_export_problems(problems, "gpt2")
 
 
-def gpt2_config_to_hf(cfg: TransformerConfig, special: dict[str, int] | None = None) -> dict:
-    """HF GPT-2 config.json for `cfg`; `special` may give bos/eos/pad token ids."""
+def gpt2_config_to_hf(cfg: TransformerConfig, special: dict[str, int] | None = None,
+                      num_labels: int = 0) -> dict:
+    """HF GPT-2 config.json for `cfg`; `special` may give bos/eos/pad token ids; num_labels > 0
+    writes a GPT2ForSequenceClassification."""
     special = special or {}
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+    labels = {}
+    if num_labels:
+        labels = {"id2label": {str(i): f"LABEL_{i}" for i in range(num_labels)},
+                  "label2id": {f"LABEL_{i}": i for i in range(num_labels)}}
+    arch = "GPT2ForSequenceClassification" if num_labels else "GPT2LMHeadModel"
+    return {"architectures": [arch], "model_type": "gpt2", **labels,
             "vocab_size": cfg.vocab_size, "n_positions": cfg.max_len, "n_embd": cfg.d_model,
             "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_inner": cfg.mlp_dim,
             "activation_function": fam.ACT_TO_HF[cfg.activation],
@@ -132,14 +158,43 @@ def gpt2_config_to_hf(cfg: TransformerConfig, special: dict[str, int] | None = N
 def gpt2_to_hf(cfg: TransformerConfig, params: Flat,
                special: dict[str, int] | None = None) -> tuple[dict, Flat]:
     """Our CausalLM flat params (unstacked) -> (HF config.json, GPT2LMHeadModel state dict,
-    `lm_head.weight` included even when it is the tied token embedding)."""
-    _check_exportable(cfg, params)
+    `lm_head.weight` included even when it is the tied token embedding); decoder
+    SequenceClassifier params -> a GPT2ForSequenceClassification (`score`, bias folded into
+    ln_f, see the module docstring)."""
+    _check_exportable(cfg)
+    if "classifier/kernel" in params:
+        return _classifier_to_hf(cfg, params, special or {})
     rules = gpt2_rules(cfg)
     raise_unknown_params(params, rules)
     state = apply_rules_to_hf(rules, params)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["transformer.wte.weight"].copy()
     return gpt2_config_to_hf(cfg, special), state
+
+
+def _classifier_to_hf(cfg: TransformerConfig, params: Flat,
+                      special: dict[str, int]) -> tuple[dict, Flat]:
+    """A decoder SequenceClassifier -> GPT2ForSequenceClassification (config, state)."""
+    kernel = np.asarray(params["classifier/kernel"], np.float64)  # [D, C]
+    bias = np.asarray(params.get("classifier/bias", np.zeros(kernel.shape[1])), np.float64)
+    rules = gpt2_rules(cfg, num_labels=kernel.shape[1])
+    raise_unknown_params({k: v for k, v in params.items() if k != "classifier/bias"}, rules)
+    state = apply_rules_to_hf(rules, params)
+    if np.any(bias != 0):
+        delta = np.linalg.lstsq(kernel.T, bias, rcond=None)[0]  # kernel^T delta = bias
+        residual = np.max(np.abs(kernel.T @ delta - bias))
+        if residual > _FOLD_TOL * max(1.0, float(np.max(np.abs(bias)))):
+            raise ConversionError(
+                f"classifier/bias cannot be folded into ln_f (residual {residual:.3g}): HF "
+                "GPT2ForSequenceClassification's score has no bias, and kernel^T delta = bias "
+                f"has no solution for this [D={kernel.shape[0]}, C={kernel.shape[1]}] kernel.")
+        key = "transformer.ln_f.bias"
+        state[key] = (state[key].astype(np.float64) + delta).astype(np.float32)
+    if special.get("pad") is None:
+        logging.warning("the run's tokenizer has no pad id: HF GPT2ForSequenceClassification then "
+                        "pools the last token of every row, so give it config.pad_token_id "
+                        "before scoring padded batches.")
+    return gpt2_config_to_hf(cfg, special, kernel.shape[1]), state
 
 
 def _is_decoder(cfg: TransformerConfig) -> bool:
