@@ -31,6 +31,10 @@
 #   dropout16        TransformerConfig.dropout_bits=16 (the CPU's 16-bit dropout bits)
 #   no_triton_gemm   XLA_FLAGS+=--xla_gpu_enable_triton_gemm=false (cuBLAS for every GEMM)
 #   no_cmd_buffer    XLA_FLAGS+=--xla_gpu_enable_command_buffer= (no CUDA graphs)
+#   einsum_dropout   RESEARCH_CUDNN_ATTENTION_DROPOUT=0: attention dropout on the einsum kernel
+#   cudnn_in_graphs  XLA_FLAGS+=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN
+#                    (cuDNN's kernels in CUDA graphs, as XLA's defaults; attention dropout then
+#                    stays on the einsum kernel: cuDNN's dropout aborted there on JAX 0.11.2)
 # Logs: OUT/NAME.VARIANT.log. --probe runs experiments/cudnn_dropout_probe.py first (whether
 # cuDNN's fused attention dropout runs on this GPU, under which flags).
 set -uo pipefail
@@ -52,14 +56,16 @@ while [ $# -gt 0 ]; do
        exit 2 ;;
   esac
 done
-# variant -> "gin bindings|XLA flags"
+# variant -> "gin bindings|XLA flags|environment"
 declare -A VARIANT_ARGS=(
-  [default]="|"
-  [guard_cond]="--gin.update_guard.kind='cond'|"
-  [scan]="--gin.TransformerConfig.scan_layers=True|"
-  [dropout16]="--gin.TransformerConfig.dropout_bits=16|"
-  [no_triton_gemm]="|--xla_gpu_enable_triton_gemm=false"
-  [no_cmd_buffer]="|--xla_gpu_enable_command_buffer="
+  [default]="||"
+  [guard_cond]="--gin.update_guard.kind='cond'||"
+  [scan]="--gin.TransformerConfig.scan_layers=True||"
+  [dropout16]="--gin.TransformerConfig.dropout_bits=16||"
+  [no_triton_gemm]="|--xla_gpu_enable_triton_gemm=false|"
+  [no_cmd_buffer]="|--xla_gpu_enable_command_buffer=|"
+  [einsum_dropout]="||RESEARCH_CUDNN_ATTENTION_DROPOUT=0"
+  [cudnn_in_graphs]="|--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN|"
 )
 IFS=, read -r -a VARIANT_LIST <<<"$VARIANTS"
 for v in "${VARIANT_LIST[@]}"; do
@@ -112,13 +118,14 @@ if [ -n "$ONLY" ]; then
   ORDER=("$ONLY")
 fi
 
+RUN_ENV=()  # environment assignments for the next run_case (a variant's)
 run_case() {  # NAME LOG [extra args...]: one research.benchmark run, its JSON and a summary line
   local name="$1" log="$2"; shift 2
   # shellcheck disable=SC2086
   local args=(${CASES[$name]} --steps 10 --warmup 3 "$@")
   local start rc
   start=$(date +%s)
-  timeout 300 "$PY" -m research.benchmark "${args[@]}" >"$log" 2>&1
+  env "${RUN_ENV[@]}" timeout 300 "$PY" -m research.benchmark "${args[@]}" >"$log" 2>&1
   rc=$?
   grep '^{' "$log" | tail -n 1 >"${log%.log}.json"
   echo "$(basename "${log%.log}"): exit $rc in $(( $(date +%s) - start )) s;" \
@@ -129,16 +136,13 @@ run_case() {  # NAME LOG [extra args...]: one research.benchmark run, its JSON a
 if [ -n "$VARIANTS" ]; then
   for name in "${ORDER[@]}"; do
     for v in "${VARIANT_LIST[@]}"; do
-      gin_args="${VARIANT_ARGS[$v]%%|*}" xla="${VARIANT_ARGS[$v]#*|}"
+      IFS='|' read -r gin_args xla env_args <<<"${VARIANT_ARGS[$v]}"
       peers=()
       [ "$PEERS" = 1 ] && peers=(--compare=hf_torch,hf_torch_compile)
-      if [ -n "$xla" ]; then
-        # shellcheck disable=SC2086
-        XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$xla" run_case "$name" "$OUT/$name.$v.log" $gin_args "${peers[@]}"
-      else
-        # shellcheck disable=SC2086
-        run_case "$name" "$OUT/$name.$v.log" $gin_args "${peers[@]}"
-      fi
+      RUN_ENV=(XLA_FLAGS="${XLA_FLAGS:-}${xla:+ $xla}")
+      [ -n "$env_args" ] && RUN_ENV+=("$env_args")
+      # shellcheck disable=SC2086
+      run_case "$name" "$OUT/$name.$v.log" $gin_args "${peers[@]}"
     done
   done
   exit 0

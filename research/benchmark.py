@@ -69,7 +69,7 @@ import numpy as np
 
 from research import benchmark_data, benchmark_peer, cli, logs, profiling
 from research.errors import ConfigError
-from research.config import parse_gin, split_gin_bindings
+from research.config import parse_gin, prepare_backend_flags, split_gin_bindings
 from research.training import hugepages
 
 # Dense bf16 matmul peaks (FLOP/s per device), by substrings of jax's `device_kind`.
@@ -426,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         # the memory) would leave it little, so JAX allocates as it goes (unless set).
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     parse_gin(args.gin_file, bindings)
+    prepare_backend_flags()
     from research.training.run_config import RunConfig
     run = gin.get_bindings(RunConfig)
     missing = [k for k in ("model_config", "objective", "vocab", "batch_size", "seq_len",

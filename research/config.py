@@ -162,6 +162,20 @@ def initialize_distributed(args: argparse.Namespace) -> None:
             jax.distributed.initialize(**timeouts)
 
 
+def prepare_backend_flags() -> bool:
+    """After parse_gin, before JAX starts its backend: the XLA flags the configured model needs
+    on an accelerator (with attention dropout bound in gin, cuDNN's kernels kept out of CUDA
+    graphs so that the dropout runs inside them: `attention_cudnn.prepare_xla_flags`). Returns
+    whether XLA_FLAGS changed."""
+    import gin
+    from research.models import attention_cudnn
+    try:
+        rate = gin.query_parameter("TransformerConfig.attention_dropout_rate")
+    except ValueError:  # not bound: the dataclass default (no attention dropout)
+        rate = 0.0
+    return attention_cudnn.prepare_xla_flags(float(rate or 0.0))
+
+
 def _timeout(args: argparse.Namespace, flag: str, env: str, default: int) -> int:
     """A positive number of seconds: the flag, else the environment variable, else `default`."""
     value, source = getattr(args, flag, None), f"--{flag}"

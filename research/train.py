@@ -30,7 +30,7 @@ import sys
 from research import cli, logs, profiling
 from research import workdir as workdir_lib
 from research.config import (add_common_flags, check_required, initialize_distributed, parse_gin,
-                             split_gin_bindings)
+                             prepare_backend_flags, split_gin_bindings)
 
 
 @cli.entry_point
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from research.training.loop import train
     from research.training.run_config import RunConfig
     parse_gin(args.gin_file, bindings)
+    prepare_backend_flags()
     check_required(RunConfig, "train", args.gin_file, bindings)  # before any compute
     metrics = train(args.workdir, profile_steps=args.profile_steps)
     if jax.process_index() == 0 and metrics:

@@ -53,11 +53,77 @@ def test_auto_picks_each_backends_kernel():
         assert select(dataclasses.replace(bf16, attention_impl=impl), backend="tpu",
                       dropout=True) == "einsum"
     cudnn = dataclasses.replace(bf16, attention_impl="cudnn")
-    assert select(cudnn, backend="gpu", cuda=True, dropout=True) == "einsum"  # DROPOUT_IN_MODELS
+    # XLA_FLAGS here leave cuDNN in XLA's command buffers: dropout stays on the einsum kernel
+    assert select(cudnn, backend="gpu", cuda=True, dropout=True) == "einsum"
+
+
+CUDNN_OUT_OF_GRAPHS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL"
+
+
+def test_cudnn_dropout_needs_cudnn_out_of_command_buffers(monkeypatch):
+    types = attention_cudnn.command_buffer_types
+    assert types("--xla_foo=1") is None
+    assert types(f"--a=1 {CUDNN_OUT_OF_GRAPHS}") == ["FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL"]
+    assert types("--xla_gpu_enable_command_buffer=fusion,cudnn --xla_gpu_enable_command_buffer=") == []
+    ok = attention_cudnn.dropout_in_models
+    assert not ok("")  # XLA's default command buffers hold cuDNN's kernels
+    assert not ok("--xla_gpu_enable_command_buffer=FUSION,CUDNN")
+    assert ok(CUDNN_OUT_OF_GRAPHS) and ok("--xla_gpu_enable_command_buffer=")
+    monkeypatch.setattr(attention_cudnn, "DROPOUT_IN_MODELS", False)  # RESEARCH_CUDNN_ATTENTION_DROPOUT=0
+    assert not ok(CUDNN_OUT_OF_GRAPHS)
+
+
+PREPARE = """
+import json, os
+import gin, jax
+from research import config
+from research.models import attention_cudnn
+results = {}
+for case, model, flags, platforms, switch in [
+        ("bert", "bert_base", "--xla_force_host_platform_device_count=2", "", True),
+        ("gpt", "gpt_small", "--xla_force_host_platform_device_count=2", "", True),
+        ("user_flag", "bert_base", "--xla_gpu_enable_command_buffer=FUSION", "", True),
+        ("cpu", "bert_base", "--xla_force_host_platform_device_count=2", "cpu", True),
+        ("switched_off", "bert_base", "--xla_force_host_platform_device_count=2", "", False)]:
+    gin.clear_config()
+    os.environ["XLA_FLAGS"] = flags
+    jax.config.update("jax_platforms", platforms or None)
+    attention_cudnn.DROPOUT_IN_MODELS = switch
+    config.parse_gin([f"configs/models/{model}.gin"], [])
+    results[case] = [config.prepare_backend_flags(), os.environ["XLA_FLAGS"]]
+jax.config.update("jax_platforms", "cpu")
+results["late"] = [attention_cudnn.prepare_xla_flags(0.1) if jax.devices() else None]
+print(json.dumps(results))
+"""
+
+
+def test_training_clis_keep_cudnn_out_of_graphs_when_attention_dropout_is_configured():
+    """research.config.prepare_backend_flags (called by research.train and research.benchmark
+    after the gin files, before JAX starts) adds the flag only for attention dropout, never over
+    the user's own command-buffer flag, not when JAX is set to the CPU or the switch is off, and
+    not once the backend has started."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from .conftest import ROOT
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    out = subprocess.run([sys.executable, "-c", PREPARE], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    base = "--xla_force_host_platform_device_count=2"
+    assert results == {"bert": [True, f"{base} {CUDNN_OUT_OF_GRAPHS}"],
+                       "gpt": [False, base],
+                       "user_flag": [False, "--xla_gpu_enable_command_buffer=FUSION"],
+                       "cpu": [False, base],
+                       "switched_off": [False, base],
+                       "late": [False]}
 
 
 def test_cudnn_dropout_switch_sends_attention_dropout_to_cudnn(monkeypatch):
     monkeypatch.setattr(attention_cudnn, "DROPOUT_IN_MODELS", True)
+    monkeypatch.setenv("XLA_FLAGS", CUDNN_OUT_OF_GRAPHS)
     bf16 = TransformerConfig(dtype="bfloat16", d_model=256, num_heads=4)
     for impl in ("auto", "cudnn"):
         assert select(dataclasses.replace(bf16, attention_impl=impl), backend="gpu", cuda=True,
@@ -181,6 +247,7 @@ def test_cudnn_attention_dropout_lowers_into_the_fused_kernel(cuda_lowering, mon
     and backward, with the dropout rate and a different seed in each layer; no einsum softmax
     and no dropout bits drawn by JAX for the probabilities."""
     monkeypatch.setattr(attention_cudnn, "DROPOUT_IN_MODELS", True)
+    monkeypatch.setenv("XLA_FLAGS", CUDNN_OUT_OF_GRAPHS)
     hlo = training_hlo_for_cuda(TransformerConfig(**BERTISH))
     calls = cudnn_calls(hlo)
     assert len(calls) == 4 and all("Dropout" in name for name, _ in calls)

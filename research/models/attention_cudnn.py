@@ -24,10 +24,18 @@ not replay them). On an H200 with JAX 0.11.2 (2026-11-26) it ran correctly on it
 (experiments/cudnn_dropout_probe.py under default flags and without command buffers;
 tests/test_attention_backends.py's GPU tests: fresh masks per run, finite gradients, the mean
 of 64 runs near the dropout-free output), but inside the jitted BERT-base train step
-(research.benchmark, attention_impl='cudnn') XLA aborted the process: "Check failed:
-local_device_ordinal.has_value()" in cuda_dnn.cc, where XLA advances that offset. So models
-keep attention dropout on the einsum kernel (`DROPOUT_IN_MODELS = False`, read by
-`research.models.attention_select`) until a JAX release runs it in the train step.
+(research.benchmark, attention_impl='cudnn') XLA aborted the process ("Check failed:
+local_device_ordinal.has_value()" in cuda_dnn.cc, where XLA advances that offset) while cuDNN's
+kernels were captured in CUDA graphs (XLA's command buffers). With XLA's command buffers for
+everything but cuDNN (`--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL`) the
+same step ran, at 31.6 ms against 44.2 ms on the einsum kernel (bert_base, batch 32 x 512).
+
+So models send attention dropout to cuDNN only where cuDNN stays out of the command buffers
+(`dropout_in_models`, read by `research.models.attention_select`): the training CLIs call
+`prepare_xla_flags` with the configured attention dropout before JAX starts its backend, which
+adds that flag unless XLA_FLAGS already names `--xla_gpu_enable_command_buffer` (the user's
+choice: then the flag decides). RESEARCH_CUDNN_ATTENTION_DROPOUT=0 keeps attention dropout on
+the einsum kernel.
 
 Shapes: B batch, T length (queries = keys: self-attention), N query heads, K kv heads (N a
 multiple of K), H head dim.
@@ -35,6 +43,8 @@ multiple of K), H head dim.
 
 from __future__ import annotations
 
+import os
+import re
 import zlib
 
 import jax
@@ -46,9 +56,47 @@ Array = jax.Array
 # (256 on Hopper and later; 128 keeps the check independent of the card).
 CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 128
-# Whether models run attention dropout in training through cuDNN ('auto' and 'cudnn'), or
-# through the einsum kernel (False: see the module docstring for why, on JAX 0.11.2).
-DROPOUT_IN_MODELS = False
+# Whether models may run attention dropout in training through cuDNN ('auto' and 'cudnn'),
+# where the command buffers allow it (`dropout_in_models`); False: always the einsum kernel.
+DROPOUT_IN_MODELS = os.environ.get("RESEARCH_CUDNN_ATTENTION_DROPOUT", "1") != "0"
+COMMAND_BUFFER_FLAG = "--xla_gpu_enable_command_buffer"
+# XLA's command buffer types without CUDNN (measured on an H200 with JAX 0.11.2: see above).
+COMMAND_BUFFERS_WITHOUT_CUDNN = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL"
+
+
+def command_buffer_types(xla_flags: str) -> list[str] | None:
+    """The command buffer types XLA_FLAGS sets (the last --xla_gpu_enable_command_buffer), [] for
+    none (CUDA graphs off), None when the flag is absent (XLA's defaults, which include CUDNN)."""
+    found = re.findall(COMMAND_BUFFER_FLAG + r"=(\S*)", xla_flags)
+    if not found:
+        return None
+    return [t.strip().upper() for t in found[-1].split(",") if t.strip()]
+
+
+def dropout_in_models(xla_flags: str | None = None) -> bool:
+    """Whether training runs attention dropout inside cuDNN's kernel: DROPOUT_IN_MODELS and
+    XLA_FLAGS keep cuDNN's kernels out of command buffers (where JAX 0.11.2 aborts)."""
+    types = command_buffer_types(os.environ.get("XLA_FLAGS", "") if xla_flags is None
+                                 else xla_flags)
+    return DROPOUT_IN_MODELS and types is not None and "CUDNN" not in types
+
+
+def prepare_xla_flags(attention_dropout_rate: float) -> bool:
+    """Before JAX starts its backend: with attention dropout configured, adds
+    `--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL` to XLA_FLAGS (cuDNN's
+    kernels out of CUDA graphs), so that `dropout_in_models` holds on an NVIDIA GPU. Nothing
+    changes when dropout is off or switched off, when XLA_FLAGS names the flag already, when
+    JAX is set to the CPU, or when the backend has started (then the flags would not apply and
+    attention dropout stays on the einsum kernel). Returns whether XLA_FLAGS changed."""
+    from jax._src import xla_bridge
+    flags = os.environ.get("XLA_FLAGS", "")
+    platforms = (jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS") or "").lower()
+    if (not attention_dropout_rate or not DROPOUT_IN_MODELS
+            or command_buffer_types(flags) is not None or platforms.startswith("cpu")
+            or xla_bridge.backends_are_initialized()):
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {COMMAND_BUFFER_FLAG}={COMMAND_BUFFERS_WITHOUT_CUDNN}".strip()
+    return True
 
 
 def cudnn_supported(dtype: str, head_dim: int, q_len: int, kv_len: int) -> bool:

@@ -58,7 +58,7 @@ def select_impl(cfg: TransformerConfig, *, q_len: int, kv_len: int, decode: bool
             return "einsum"
         if cuda is None:
             cuda = attention_cudnn.cuda_available()
-        fused_ok = not dropout or attention_cudnn.DROPOUT_IN_MODELS
+        fused_ok = not dropout or attention_cudnn.dropout_in_models()
         if cuda and fused_ok and attention_cudnn.cudnn_supported(
                 cfg.compute_dtype, cfg.dim_per_head, q_len, kv_len):
             return "cudnn"
@@ -68,7 +68,7 @@ def select_impl(cfg: TransformerConfig, *, q_len: int, kv_len: int, decode: bool
         return "einsum"
     if impl in ("xla", "splash") and dropout:
         return "einsum"
-    if impl == "cudnn" and dropout and not attention_cudnn.DROPOUT_IN_MODELS:
+    if impl == "cudnn" and dropout and not attention_cudnn.dropout_in_models():
         return "einsum"
     if impl in ("cudnn", "splash") and decode:
         return "einsum"  # the KV cache's query/key lengths differ; einsums handle any shapes
