@@ -15,7 +15,7 @@ sweep() {  # sweep FILE ROOT OUT
   echo "$1: $((SECONDS - start)) s wall" | tee -a "$3/wall_time.txt"
 }
 want() { [[ $# -eq 0 || " $* " == *" $STUDY "* ]]; }
-for STUDY in bert_nsp_ablation gpt_norm_position gpt_lr_warmup; do
+for STUDY in bert_nsp_ablation bert_downstream gpt_norm_position gpt_lr_warmup; do
   want "$@" || continue
   case $STUDY in
     bert_nsp_ablation)
@@ -23,6 +23,11 @@ for STUDY in bert_nsp_ablation gpt_norm_position gpt_lr_warmup; do
             experiments/bert_nsp_ablation/results/pretrain
       sweep experiments/bert_nsp_ablation/finetune.gin runs/bert_nsp_ablation/finetune \
             experiments/bert_nsp_ablation/results/finetune ;;
+    bert_downstream)
+      for stage in pretrain ner qa; do
+        sweep "experiments/bert_downstream/$stage.gin" "runs/bert_downstream/$stage" \
+              "experiments/bert_downstream/results/$stage"
+      done ;;
     *)
       sweep "experiments/$STUDY/sweep.gin" "runs/$STUDY" "experiments/$STUDY/results" ;;
   esac
