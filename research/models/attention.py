@@ -82,9 +82,9 @@ def attention_mask(q_segments: Array, k_segments: Array, causal: bool,
 
     Tokens attend only within their own segment (packed documents; padding is segment 0, so
     padding attends padding and never real tokens). With `causal`, also only to keys at an
-    earlier or equal index (`q_positions` [1, T] / `k_positions` [1, S] are absolute indices,
-    for decoding), and with a `window` (causal only) only to the last `window` of those
-    (index t - s < window, as HF Mistral's sliding window).
+    earlier or equal index (`q_positions` [1, T] or per row [B, T] / `k_positions` [1, S] are
+    absolute indices, for decoding), and with a `window` (causal only) only to the last
+    `window` of those (index t - s < window, as HF Mistral's sliding window).
     """
     mask = q_segments[:, :, None] == k_segments[:, None, :]
     if causal:
@@ -231,8 +231,14 @@ class Attention(nn.Module):
     def _update_cache(self, key: Array, value: Array, segment_ids: Array
                       ) -> tuple[Array, Array, Array, Array | None, Array | None]:
         """Writes this call's key/value [B, T, K, H] and segment ids int[B, T] into the cache at
-        the write index. Returns the whole cache (key/value [B, S, K, H], segments int[B, S],
-        S = max_len) and the absolute query [1, T] / key [1, S] indices for the causal mask."""
+        the write index. Returns the whole cache (key/value [B, S, K, H], segments int[B, S];
+        S = max_len, or the length of a cache the caller built) and the absolute query
+        [1, T] / key [1, S] indices for the causal mask.
+
+        The write index `cache_index` is a scalar shared by all rows (as `init` creates it), or
+        int32[B] when the caller's cache holds one index per row (continuous batching,
+        `research.serving`): row b then writes at its own index (a scatter, in place under
+        donation; writes past S are dropped) and the query indices are per row [B, T]."""
         b, t, k, h = key.shape
         cfg = self.cfg
         cached_key = self.variable("cache", "cached_key", jnp.zeros, (b, cfg.max_len, k, h), key.dtype)
@@ -242,12 +248,23 @@ class Attention(nn.Module):
         if self.is_initializing():
             return key, value, segment_ids, None, None
         i = index.value
+        length = cached_key.value.shape[1]
+        if i.ndim == 1:  # one write index per row
+            rows = jnp.arange(b)[:, None]
+            cols = i[:, None] + jnp.arange(t)[None]  # [B, T]
+            cached_key.value = cached_key.value.at[rows, cols].set(key, mode="drop")
+            cached_value.value = cached_value.value.at[rows, cols].set(value, mode="drop")
+            cached_seg.value = cached_seg.value.at[rows, cols].set(
+                segment_ids.astype(jnp.int32), mode="drop")
+            index.value = i + t
+            return (cached_key.value, cached_value.value, cached_seg.value, cols,
+                    jnp.arange(length)[None])
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, i, 0, 0))
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, i, 0, 0))
         cached_seg.value = jax.lax.dynamic_update_slice(
             cached_seg.value, segment_ids.astype(jnp.int32), (0, i))
         index.value = i + t
         q_index = (i + jnp.arange(t))[None]
-        k_index = jnp.arange(cfg.max_len)[None]
+        k_index = jnp.arange(length)[None]
         # Slots not yet written hold segment 0 but sit after every query: the causal test hides them.
         return cached_key.value, cached_value.value, cached_seg.value, q_index, k_index
