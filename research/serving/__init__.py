@@ -1,0 +1,1 @@
+"""Serving a causal LM: the continuous-batching inference engine (`research.serving.engine`)."""

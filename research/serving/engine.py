@@ -1,0 +1,383 @@
+"""Continuous-batching inference engine: concurrent requests share one jitted decode step over a
+fixed set of KV-cache slots (`research.serving.slots`).
+
+A background thread runs the loop. Between steps the host admits the waiting requests (one
+prefill call per prompt-length bucket, powers of two, so nothing recompiles per request; the
+prompts are moved into free slots), streams each request's new tokens and text, and ends
+requests at EOS, `max_tokens`, a stop string or a cancel, freeing their slots for the queue.
+
+Sampling follows each request's own parameters; its n-th token is drawn with noise hashed
+from (seed, n) (`slots.gumbel_noise`), so a request's tokens do not depend on what else runs:
+its prefill has the fixed shape [prefill_rows(bucket), bucket] whatever is admitted with it, the
+decode step the shape [max_batch, 1], and XLA computes their rows independently (masked
+cache positions add exact zeros); the tokens are bit-for-bit those it gets alone (tested).
+
+Events: each request gets `TokenEvent`s (new token ids, new text, finish_reason) in order,
+delivered to an asyncio loop (async iteration over the handle) and kept for `result()`.
+finish_reason: 'stop' (EOS, kept in token_ids but not in the text, or a stop string: the text
+ends before it, the token completing it is the last one), 'length' (max_tokens), 'cancelled',
+'error' (the engine failed on this request's step; logged, the engine keeps serving).
+
+  engine = Engine(model, params, decode=tok.decode, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                  vocab_limit=tok.vocab_size)
+  engine.warmup(); engine.start()
+  ids, text, reason = engine.submit(prompt_ids, SamplingParams(max_tokens=32)).result()
+  engine.shutdown()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from research.decoding.cache import cache_sized
+from research.decoding.layout import Layout
+from research.models.transformer import CausalLM
+from research.serving import slots as slots_lib
+from research.serving.requests import (EngineObserver, RequestError, RequestHandle,
+                                       SamplingParams, ShuttingDownError, TokenEvent)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineObserver", "RequestError", "RequestHandle", "SamplingParams",
+           "ShuttingDownError", "TokenEvent"]
+
+
+class Engine:
+    """Continuous batching over `max_batch` KV-cache slots of `max_len` positions.
+
+    `decode` maps token ids to text (the tokenizer's); ids >= `vocab_limit` are never
+    generated. `layout` shards the parameters and the cache (default: the first device).
+    `steps_per_sync` decode steps run per host round trip (more: less host overhead, later
+    admission and ends). Each step attends only to the cache prefix its longest request
+    needs, rounded up to a power of two >= `min_attend` (one compiled step per length).
+    Prompts of length bucket P are prefilled `prefill_rows(P)` at a time, about
+    `prefill_tokens` / P (a fixed shape per bucket: more rows cost a lone request more time
+    to first token and save time when many arrive together)."""
+
+    def __init__(self, model: CausalLM, params: Any, *, decode: Callable[[Sequence[int]], str],
+                 eos_id: int, pad_id: int, vocab_limit: int, max_batch: int = 16,
+                 max_len: int | None = None, layout: Layout | None = None,
+                 observer: EngineObserver | None = None, steps_per_sync: int = 4,
+                 min_attend: int = 64, prefill_tokens: int = 256):
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be at least 1")
+        limit = model.cfg.max_len
+        self.max_len = int(min(max_len or limit, limit))
+        if self.max_len < 2:
+            raise ValueError(f"max_len={self.max_len} must be at least 2")
+        self.model = cache_sized(model, self.max_len)
+        self.layout = layout or Layout.single_device()
+        self.params = self.layout.put_params(model, params)
+        self.decode_text = decode
+        self.eos_id, self.pad_id = int(eos_id), int(pad_id)
+        self.vocab_limit = int(min(vocab_limit, model.cfg.vocab_size))
+        self.capacity = int(max_batch)
+        self.observer = observer
+        self.steps_per_sync = int(steps_per_sync)
+        self.prefill_tokens = int(prefill_tokens)
+        self.prompt_buckets = slots_lib.buckets(min(slots_lib.MIN_PROMPT_BUCKET, self.max_len),
+                                                self.max_len)
+        self.attend_buckets = slots_lib.buckets(min(min_attend, self.max_len), self.max_len)
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._admitting: list[RequestHandle] = []  # taken from the queue, not yet in a slot
+        self._slots: list[RequestHandle | None] = [None] * self.capacity
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._cache = self._state = None
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """RequestError naming the field if the request cannot run."""
+        if len(prompt_ids) == 0:
+            raise RequestError("prompt", "the prompt is empty (it needs at least one token)")
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                   for t in prompt_ids):
+            raise RequestError("prompt", "token ids must be integers")
+        bad = [t for t in prompt_ids if not 0 <= int(t) < self.model.cfg.vocab_size]
+        if bad:
+            raise RequestError("prompt", f"token id {bad[0]} is outside the model's vocabulary "
+                                         f"[0, {self.model.cfg.vocab_size})")
+        if not isinstance(params.max_tokens, int) or params.max_tokens <= 0:
+            raise RequestError("max_tokens", f"max_tokens={params.max_tokens} must be a "
+                                             "positive integer")
+        if len(prompt_ids) + params.max_tokens > self.max_len:
+            raise RequestError("max_tokens" if len(prompt_ids) < self.max_len else "prompt",
+                               f"the prompt ({len(prompt_ids)} tokens) + max_tokens "
+                               f"({params.max_tokens}) exceeds the context length "
+                               f"{self.max_len}; shorten one of them")
+        if not params.temperature >= 0:
+            raise RequestError("temperature", f"temperature={params.temperature} must be >= 0 "
+                                              "(0 = greedy)")
+        if not 0 < params.top_p <= 1:
+            raise RequestError("top_p", f"top_p={params.top_p} must be in (0, 1]")
+        if not isinstance(params.top_k, int) or params.top_k < 0:
+            raise RequestError("top_k", f"top_k={params.top_k} must be an integer >= 0 "
+                                        "(0 = off)")
+        if not isinstance(params.seed, int):
+            raise RequestError("seed", f"seed={params.seed!r} must be an integer")
+        if any(not isinstance(s, str) or not s for s in params.stop):
+            raise RequestError("stop", "stop strings must be non-empty strings")
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queues a request (thread-safe) after `validate`; ShuttingDownError once shutdown
+        began. With `loop`, its events are delivered there for `async for`."""
+        self.validate(prompt_ids, params)
+        handle = RequestHandle([int(t) for t in prompt_ids], params, self.decode_text, loop)
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDownError()
+            self._waiting.append(handle)
+            self._lock.notify_all()
+        return handle
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"active": sum(s is not None for s in self._slots),
+                    "queued": len(self._waiting), "capacity": self.capacity}
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def _ensure_slots(self) -> None:
+        if self._cache is None:
+            with self.layout.context():
+                self._cache, self._state = slots_lib.init_slots(
+                    self.model, length=self.max_len, rows=self.capacity, layout=self.layout)
+
+    def warmup(self) -> None:
+        """Compiles every prefill bucket and the decode steps (call before `start`): then no
+        request compiles anything."""
+        if self._thread is not None:
+            raise RuntimeError("Engine.warmup() must run before start()")
+        self._ensure_slots()
+        with self.layout.context():
+            for width in self.prompt_buckets:
+                n = self._admit_size(width)
+                self._admit_call(0, np.full((n, width), self.pad_id, np.int32),
+                                 np.ones((n,), np.int32), np.full((n,), self.capacity, np.int32),
+                                 *self._request_arrays([None] * n))
+            for attend in self.attend_buckets:
+                for filtered in (False, True):
+                    self._decode_call(np.zeros((self.capacity,), bool), filtered, attend)
+            jax.block_until_ready(self._state)
+
+    def start(self) -> None:
+        """Starts the background decode thread."""
+        if self._thread is not None:
+            return
+        self._ensure_slots()
+        self._thread = threading.Thread(target=self._run, name="serving-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuses new requests; with `drain` lets the queued and running ones finish (else
+        cancels them), then stops the thread (waiting at most `timeout` seconds)."""
+        with self._lock:
+            self._accepting = False
+            if not drain:
+                for handle in list(self._waiting) + [s for s in self._slots if s is not None]:
+                    handle.cancel()
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is None:  # never started: nothing will run the queue
+            with self._lock:
+                waiting = list(self._waiting)
+                self._waiting.clear()
+            for handle in waiting:
+                self._finish(handle, "cancelled")
+        else:
+            self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self._thread = None
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while (not self._waiting and all(s is None for s in self._slots)
+                       and not self._stop):
+                    self._lock.wait()
+                if self._stop and not self._waiting and all(s is None for s in self._slots):
+                    return
+            try:
+                with self.layout.context():
+                    self._admit_waiting()
+                    self._step()
+            except Exception as err:  # noqa: BLE001 - fail the requests, keep serving
+                log.exception("serving engine step failed; failing its requests")
+                self._fail_all(err)
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self._lock:
+            handles = (self._admitting + list(self._waiting)
+                       + [s for s in self._slots if s is not None])
+            self._waiting.clear()
+            self._slots = [None] * self.capacity
+            self._admitting = []
+        for handle in handles:
+            handle.error = err
+            self._finish(handle, "error")
+        self._cache = self._state = None
+        try:
+            self._ensure_slots()
+        except Exception:  # noqa: BLE001
+            log.exception("serving engine could not rebuild its cache")
+
+    def _finish(self, handle: RequestHandle, reason: str, ids: list[int] = (),
+                text: str = "") -> None:
+        handle._emit(list(ids), text, reason)
+        self._observe("on_finish", handle.prompt_tokens, len(handle.token_ids), reason,
+                      time.monotonic() - handle.submitted)
+
+    def _observe(self, method: str, *args) -> None:
+        """Calls the observer's `method` if it has one; its failures are logged, not raised."""
+        hook = getattr(self.observer, method, None)
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except Exception:  # noqa: BLE001 - metrics must not fail requests
+            log.exception("serving observer %s failed", method)
+
+    def _request_arrays(self, handles: list[RequestHandle | None]) -> tuple[np.ndarray, ...]:
+        """seed, temperature, top_k, top_p arrays [n] (None: a padding row)."""
+        params = [h.params if h is not None else SamplingParams() for h in handles]
+        return (np.array([p.seed % 2 ** 32 for p in params], np.uint32),
+                np.array([p.temperature for p in params], np.float32),
+                np.array([min(p.top_k, self.model.cfg.vocab_size) for p in params], np.int32),
+                np.array([p.top_p for p in params], np.float32))
+
+    def prefill_rows(self, width: int) -> int:
+        """How many prompts of padded length `width` one prefill computes together."""
+        return max(1, min(self.capacity, self.prefill_tokens // width))
+
+    def _admit_size(self, width: int) -> int:
+        """Rows of the admit arrays: max_batch rounded up to a multiple of prefill_rows."""
+        rows = self.prefill_rows(width)
+        return -(-self.capacity // rows) * rows
+
+    def _admit_call(self, count, tokens, lengths, slots, seed, temperature, top_k,
+                    top_p) -> np.ndarray:
+        self._cache, self._state, first = slots_lib.admit(
+            self.model, self.params, self._cache, self._state, np.int32(count), tokens, lengths,
+            slots, seed, temperature, top_k, top_p, layout=self.layout,
+            vocab_limit=self.vocab_limit, rows=self.prefill_rows(tokens.shape[1]))
+        return first
+
+    def _decode_call(self, active: np.ndarray, filtered: bool, attend: int) -> np.ndarray:
+        self._cache, self._state, tokens = slots_lib.decode(
+            self.model, self.params, self._cache, self._state, active, layout=self.layout,
+            vocab_limit=self.vocab_limit, steps=self.steps_per_sync, filtered=filtered,
+            attend=attend)
+        return tokens
+
+    def _admit_waiting(self) -> None:
+        """Prefills the waiting requests into free slots (all of them in one call per prompt
+        bucket, up to the free slots) and streams their first tokens."""
+        with self._lock:
+            free = [i for i, s in enumerate(self._slots) if s is None]
+            taken: list[RequestHandle] = []
+            while self._waiting and len(taken) < len(free):
+                handle = self._waiting.popleft()
+                if handle.cancelled:
+                    self._finish(handle, "cancelled")
+                    continue
+                taken.append(handle)
+            self._admitting = taken  # failed with the step if admission raises
+        if not taken:
+            return
+        groups: dict[int, list[tuple[int, RequestHandle]]] = {}
+        for slot, handle in zip(free, taken):
+            width = slots_lib.bucket(handle.prompt_tokens, self.prompt_buckets[0], self.max_len)
+            groups.setdefault(width, []).append((slot, handle))
+        for width, group in sorted(groups.items()):
+            self._admit_group(width, group)
+        self._admitting = []
+
+    def _admit_group(self, width: int, group: list[tuple[int, RequestHandle]]) -> None:
+        """One prefill call for requests whose prompts share the length bucket `width`."""
+        n = self._admit_size(width)
+        tokens = np.full((n, width), self.pad_id, np.int32)
+        lengths = np.ones((n,), np.int32)
+        where = np.full((n,), self.capacity, np.int32)  # padding rows: not stored
+        for j, (slot, handle) in enumerate(group):
+            tokens[j, width - handle.prompt_tokens:] = handle.prompt
+            lengths[j] = handle.prompt_tokens
+            where[j] = slot
+        padded = [h for _, h in group] + [None] * (n - len(group))
+        first = np.asarray(self._admit_call(len(group), tokens, lengths, where,
+                                            *self._request_arrays(padded)))
+        now = time.monotonic()
+        with self._lock:
+            for slot, handle in group:
+                self._slots[slot] = handle
+        for j, (slot, handle) in enumerate(group):
+            handle.first_token_at = now
+            self._observe("on_first_token", now - handle.submitted)
+            self._advance(slot, handle, [int(first[j])])
+
+    def _step(self) -> None:
+        """One decode call for every slot; streams the new tokens."""
+        with self._lock:
+            for i, handle in enumerate(self._slots):
+                if handle is not None and handle.cancelled:
+                    self._slots[i] = None
+                    self._finish(handle, "cancelled")
+            owners = list(self._slots)
+        active = np.array([h is not None for h in owners])
+        if not active.any():
+            return
+        filtered = any(h.params.top_k > 0 or h.params.top_p < 1.0
+                       for h in owners if h is not None)
+        needed = max(h.prompt_tokens + len(h.token_ids) - 1 for h in owners if h is not None)
+        attend = slots_lib.bucket(needed + self.steps_per_sync, self.attend_buckets[0],
+                                  self.max_len)
+        start = time.monotonic()
+        tokens = np.asarray(self._decode_call(active, filtered, attend))  # [steps, B]
+        seconds = time.monotonic() - start
+        new = 0
+        for i, handle in enumerate(owners):
+            if handle is not None:
+                new += self._advance(i, handle, tokens[:, i].tolist())
+        self._observe("on_step", int(active.sum()), self.capacity, new, seconds)
+
+    def _advance(self, slot: int, handle: RequestHandle, tokens: list[int]) -> int:
+        """Streams the tokens a slot generated (those past the request's end dropped); ends
+        the request when due. Returns how many tokens counted."""
+        if handle.done():
+            return 0
+        room = handle.params.max_tokens - len(handle.token_ids)
+        tokens = tokens[:room]
+        reason = None
+        if self.eos_id in tokens:
+            tokens = tokens[:tokens.index(self.eos_id) + 1]
+            reason = "stop"
+        text_ids = tokens[:-1] if reason == "stop" else tokens
+        text, taken = handle.stream.add(text_ids)
+        if handle.stream.stopped:  # cut after the token that completed the stop string
+            tokens, reason = tokens[:taken], "stop"
+        elif reason is None and len(handle.token_ids) + len(tokens) >= handle.params.max_tokens:
+            reason = "length"
+        if reason is not None and not handle.stream.stopped:
+            text += handle.stream.finish()
+        if reason is None:
+            handle._emit(tokens, text, None)
+        else:
+            with self._lock:
+                if self._slots[slot] is handle:
+                    self._slots[slot] = None
+            self._finish(handle, reason, tokens, text)
+        return len(tokens)
+

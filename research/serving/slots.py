@@ -1,0 +1,331 @@
+"""The device side of the serving engine: a fixed batch of KV-cache slots, one write index per
+row, the prompt prefill that fills free slots and the decode step that advances every slot.
+
+The cache is the model's `cache` collection for `max_batch` rows of `max_len` positions, with
+`cache_index` int32[B] (one write index per row, `Attention._update_cache`). A request's row
+holds its prompt at [0, P) and its generated tokens after; its write index and position are the
+number of tokens it holds, so a row never sees padding. Rows no request holds compute garbage
+the host ignores (their index and position are kept at 0).
+
+Sampling is per row: temperature (0 = greedy), top-k (0 = off) and top-p (1 = off) arrays, and
+Gumbel noise hashed from the request's seed and the index n of the token it draws (n from 0),
+so a request's tokens do not depend on the other rows.
+
+Shapes: B = max_batch slots, S = max_len, n = B prompts admitted per call (the first `count`
+real), P their padded length (a bucket: powers of two from 16 up to S), V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research.decoding.cache import mask_vocab, prompt_positions
+from research.decoding.layout import Layout, scan_axes
+from research.models.transformer import CausalLM
+
+Array = jax.Array
+Cache = Any
+MIN_PROMPT_BUCKET = 16
+
+
+def bucket(n: int, low: int, high: int) -> int:
+    """The smallest power of two >= max(n, low), capped at `high`."""
+    size = low
+    while size < n:
+        size *= 2
+    return min(size, high)
+
+
+def buckets(low: int, high: int) -> list[int]:
+    """Every value `bucket(., low, high)` takes."""
+    out, size = [], low
+    while size < high:
+        out.append(size)
+        size *= 2
+    return out + [high]
+
+
+class SlotState(NamedTuple):
+    """Per-slot decoding state, every leaf [B]."""
+
+    token: Array  # int32: the row's last token, fed at the next step
+    position: Array  # int32: its position (= the row's write index)
+    count: Array  # int32: tokens generated so far (the RNG stream index of the next one)
+    seed: Array  # uint32: the request's seed
+    temperature: Array  # float32: 0 = greedy
+    top_k: Array  # int32: 0 = off
+    top_p: Array  # float32: 1 = off
+
+
+def _mix(x: Array) -> Array:
+    """lowbias32 (C. Wellons): a 32-bit integer hash with full avalanche. uint32 -> uint32."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: Array, count: Array, vocab: int) -> Array:
+    """Gumbel(0, 1) noise float32[B, V], a pure function of each row's (seed uint32, count
+    int32) and the token id: counter-based, so a row's noise never depends on the other rows or
+    on the batch size. (A hash rather than jax.random's threefry: as random for sampling,
+    several times cheaper per step at a 50k vocabulary and faster to compile.)"""
+    row = _mix(_mix(seed.astype(jnp.uint32)) ^ (count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)))
+    bits = _mix(_mix(row[:, None] ^ jnp.arange(vocab, dtype=jnp.uint32)[None]) + row[:, None])
+    uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * jnp.float32(2.0 ** -24)  # in (0, 1)
+    return -jnp.log(-jnp.log(uniform))
+
+
+FILTER_CANDIDATES = 64  # top-k / top-p look at this many best tokens first (no full sort)
+
+
+def _filter_sorted(scaled: Array, top_k: Array, top_p: Array) -> Array:
+    """scaled float32[B, V] with the tokens outside each row's top-k, then top-p (mass
+    strictly above a token < top_p; at least one kept), at -inf: a full sort per row."""
+    v = scaled.shape[-1]
+    ordered = -jnp.sort(-scaled, axis=-1)  # descending
+    k = top_k[:, None]
+    kth = jnp.where(k > 0, jnp.take_along_axis(ordered, jnp.clip(k - 1, 0, v - 1), axis=-1),
+                    -jnp.inf)
+    scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    ordered = jnp.where((k > 0) & (jnp.arange(v)[None] >= k), -jnp.inf, ordered)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    index = jnp.sum(before < top_p[:, None], axis=-1, keepdims=True) - 1  # keeps >= 1
+    cutoff = jnp.take_along_axis(ordered, index, axis=-1)
+    return jnp.where((top_p[:, None] < 1.0) & (scaled < cutoff), -jnp.inf, scaled)
+
+
+def _filter_candidates(scaled: Array, top_k: Array, top_p: Array) -> tuple[Array, Array]:
+    """`_filter_sorted` from each row's FILTER_CANDIDATES best tokens only (lax.top_k, far
+    cheaper than sorting a large vocabulary). Returns (filtered logits [B, V], resolved
+    bool[B]): rows whose top-k exceeds the candidates, or whose top-p mass the candidates do
+    not reach, are not resolved (their logits are to be taken from `_filter_sorted`)."""
+    c = min(FILTER_CANDIDATES, scaled.shape[-1])
+    cand = jax.lax.top_k(scaled, c)[0]  # descending [B, C]
+    k = top_k[:, None]
+    kth = jnp.where(k > 0, jnp.take_along_axis(cand, jnp.clip(k - 1, 0, c - 1), axis=-1),
+                    -jnp.inf)
+    scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    cand = jnp.where((k > 0) & (jnp.arange(c)[None] >= k), -jnp.inf, cand)
+    top = cand[:, :1]
+    total = jnp.sum(jnp.exp(scaled - top), axis=-1, keepdims=True)  # after top-k: all kept
+    probs = jnp.exp(cand - top) / total
+    before = jnp.cumsum(probs, axis=-1) - probs
+    below = jnp.sum(before < top_p[:, None], axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(cand, below - 1, axis=-1)
+    resolved = (top_k <= c) & ((top_p >= 1.0) | (below[:, 0] < c))
+    return jnp.where((top_p[:, None] < 1.0) & (scaled < cutoff), -jnp.inf, scaled), resolved
+
+
+def sample_rows(logits: Array, seed: Array, count: Array, temperature: Array, top_k: Array,
+                top_p: Array, filtered: bool) -> Array:
+    """One token int32[B] per row of float32 logits [B, V], each row with its own parameters
+    (arrays [B]): argmax (temperature 0) or a draw from softmax(logits / temperature) after
+    top-k then top-p filtering (the Gumbel-max trick with `gumbel_noise(seed, count)`).
+    `filtered=False` skips the filters (valid when no row sets them); a row's token is the same
+    either way. Filtering looks at the best FILTER_CANDIDATES tokens, sorting the vocabulary
+    only when some row needs more (which path a row takes depends on that row alone)."""
+    v = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    if filtered:
+        fast, resolved = _filter_candidates(scaled, top_k, top_p)
+        scaled = jax.lax.cond(
+            jnp.all(resolved), lambda: fast,
+            lambda: jnp.where(resolved[:, None], fast, _filter_sorted(scaled, top_k, top_p)))
+    drawn = jnp.argmax(scaled + gumbel_noise(seed, count, v), axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+
+def empty_cache(model: CausalLM, rows: int, length: int, per_row_index: bool) -> Cache:
+    """A zero cache of `rows` rows and `length` positions; `cache_index` int32[rows] (after
+    any scan 'layers' axis) with `per_row_index`, else the model's scalar."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               jnp.zeros((rows, 1), jnp.int32),
+                                               decode=True)["cache"])
+
+    def make(path, s):
+        name = getattr(path[-1], "key", None)
+        shape = list(s.shape)
+        axis = scan_axes(path, s)
+        if name == "cache_index":
+            return jnp.zeros(tuple(shape) + ((rows,) if per_row_index else ()), jnp.int32)
+        shape[axis + 1] = length  # cached_key/value [B, S, K, H], cached_segment_ids [B, S]
+        return jnp.zeros(shape, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(make, shapes)
+
+
+def empty_state(rows: int) -> SlotState:
+    """Slots holding no request."""
+    zeros = np.zeros((rows,), np.int32)
+    return SlotState(zeros, zeros, zeros, np.zeros((rows,), np.uint32),
+                     np.zeros((rows,), np.float32), zeros, np.ones((rows,), np.float32))
+
+
+def _constrain(cache: Cache, state: SlotState, layout: Layout) -> tuple[Cache, SlotState]:
+    def batch(x):
+        return jax.lax.with_sharding_constraint(x, layout.sharding(("act_batch",), x.shape))
+    return layout.constrain_cache(cache), SlotState(*map(batch, state))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "length", "rows", "layout"))
+def init_slots(model: CausalLM, *, length: int, rows: int,
+               layout: Layout) -> tuple[Cache, SlotState]:
+    """The empty slot cache (`rows` rows of `length` positions) and state, placed by `layout`."""
+    state = SlotState(*map(jnp.asarray, empty_state(rows)))
+    return _constrain(empty_cache(model, rows, length, per_row_index=True), state, layout)
+
+
+def _insert(cache: Cache, filled: Cache, slots: Array, lengths: Array) -> Cache:
+    """`cache` with rows `slots` int32[R] (an index >= B: dropped) replaced by the R prefilled
+    rows of `filled` (P positions, prompts left-padded): row r's lengths[r] real tokens move to
+    [0, lengths[r]), its write index becomes lengths[r]."""
+
+    def put(path, big, small):
+        name = getattr(path[-1], "key", None)
+        axis = scan_axes(path, big)
+        lead = (slice(None),) * axis
+        if name == "cache_index":
+            return big.at[lead + (slots,)].set(lengths, mode="drop")
+        width = small.shape[axis + 1]
+        t = jnp.arange(width)[None]
+        src = jnp.minimum(t + width - lengths[:, None], width - 1)  # [R, P]
+        idx = src.reshape((1,) * axis + src.shape + (1,) * (small.ndim - axis - 2))
+        moved = jnp.take_along_axis(small, idx, axis=axis + 1)
+        if name == "cached_segment_ids":
+            moved = jnp.broadcast_to((t < lengths[:, None]).astype(moved.dtype), moved.shape)
+        return big.at[lead + (slots[:, None], t)].set(moved, mode="drop")
+
+    return jax.tree_util.tree_map_with_path(put, cache, filled)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "layout", "vocab_limit", "rows"),
+                   donate_argnames=("cache", "state"))
+def admit(model: CausalLM, params: Any, cache: Cache, state: SlotState, count: Array,
+          tokens: Array, lengths: Array, slots: Array, seed: Array, temperature: Array,
+          top_k: Array, top_p: Array, *, layout: Layout, vocab_limit: int,
+          rows: int = 1) -> tuple[Cache, SlotState, Array]:
+    """Prefills the first `count` (int32 scalar) of the left-padded prompts tokens int32[n, P]
+    (lengths int32[n], n a multiple of `rows`) `rows` at a time, samples each one's first token
+    (count 0) and moves it into its slot (slots int32[n]; an index >= B: not stored).
+    Per-request arrays [n]; rows past `count` are padding.
+
+    A loop of prefills of the fixed shape [rows, P], whose rows XLA computes independently:
+    a request's numbers (hence its tokens) are those it gets alone, whatever is admitted with
+    it; `count`, traced, compiles nothing new. Returns (cache, state, first tokens int32[n])."""
+    width = tokens.shape[1]
+    fresh = empty_cache(model, rows, width, per_row_index=False)
+
+    def chunk(j, carry):
+        cache, state, first = carry
+        pick = lambda x: jax.lax.dynamic_slice_in_dim(x, j * rows, rows)  # noqa: E731
+        length, where = pick(lengths), pick(slots)
+        segments = (jnp.arange(width)[None] >= width - length[:, None]).astype(jnp.int32)
+        hidden, mutated = model.apply(
+            {"params": params, "cache": layout.constrain_cache(fresh)}, pick(tokens),
+            segment_ids=segments, positions=prompt_positions(segments), decode=True,
+            mutable=["cache"], method=CausalLM.hidden)
+        # Only the last position's logits are needed: the output projection of one token.
+        logits = model.apply({"params": params}, hidden[:, -1:], method=CausalLM.project)
+        logits = mask_vocab(logits[:, -1], vocab_limit)
+        token = sample_rows(logits, pick(seed), jnp.zeros((rows,), jnp.int32),
+                            pick(temperature), pick(top_k), pick(top_p), filtered=True)
+        cache = _insert(cache, mutated["cache"], where, length)
+
+        def put(old, new):
+            return old.at[where].set(new.astype(old.dtype), mode="drop")
+
+        state = SlotState(put(state.token, token), put(state.position, length),
+                          put(state.count, jnp.ones_like(length)), put(state.seed, pick(seed)),
+                          put(state.temperature, pick(temperature)),
+                          put(state.top_k, pick(top_k)), put(state.top_p, pick(top_p)))
+        cache, state = _constrain(cache, state, layout)
+        return cache, state, jax.lax.dynamic_update_slice_in_dim(first, token, j * rows, 0)
+
+    first = jnp.zeros(lengths.shape, jnp.int32)
+    return jax.lax.fori_loop(0, (count + rows - 1) // rows, chunk, (cache, state, first))
+
+
+def _window(cache: Cache, attend: int) -> Cache:
+    """The cache's first `attend` positions (key/value/segments; the write index as is)."""
+
+    def cut(path, x):
+        if getattr(path[-1], "key", None) == "cache_index":
+            return x
+        return jax.lax.slice_in_dim(x, 0, attend, axis=scan_axes(path, x) + 1)
+
+    return jax.tree_util.tree_map_with_path(cut, cache)
+
+
+def _put_window(cache: Cache, window: Cache, start: Array, steps: int) -> Cache:
+    """`cache` with the `steps` positions each row wrote into `window` (from its index
+    start int32[B]) copied back, and the window's write index. Rows whose positions fall
+    outside the window (no request) write nothing."""
+
+    def put(path, big, small):
+        if getattr(path[-1], "key", None) == "cache_index":
+            return small
+        axis = scan_axes(path, big)
+        cols = start[:, None] + jnp.arange(steps)[None]  # [B, steps]
+        idx = cols.reshape((1,) * axis + cols.shape + (1,) * (small.ndim - axis - 2))
+        new = jnp.take_along_axis(small, idx, axis=axis + 1, mode="clip")
+        cols = jnp.where(cols < small.shape[axis + 1], cols, big.shape[axis + 1])  # else: drop
+        rows = jnp.arange(big.shape[axis])[:, None]
+        lead = (slice(None),) * axis
+        return big.at[lead + (rows, cols)].set(new, mode="drop")
+
+    return jax.tree_util.tree_map_with_path(put, cache, window)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "layout", "vocab_limit", "steps",
+                                             "filtered", "attend"),
+                   donate_argnames=("cache", "state"))
+def decode(model: CausalLM, params: Any, cache: Cache, state: SlotState, active: Array, *,
+           layout: Layout, vocab_limit: int, steps: int = 1, filtered: bool = True,
+           attend: int | None = None) -> tuple[Cache, SlotState, Array]:
+    """`steps` decode steps of every slot: feeds each row's last token, samples the next.
+    `active` bool[B]: rows holding a request (the others are reset to index/position 0).
+    `attend` (static): the steps use only the cache's first `attend` positions (every active
+    row's tokens must fit there): attention over the whole cache costs the most at small
+    batch sizes, and masked keys add exact zeros, so a row's numbers do not change.
+    Returns (cache, state, tokens int32[steps, B])."""
+    b = active.shape[0]
+    full, state_in = cache, state
+    if attend is not None:
+        cache = _window(cache, attend)
+
+    def body(carry, _):
+        cache, st = carry
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache}, st.token[:, None],
+            segment_ids=jnp.ones((b, 1), jnp.int32), positions=st.position[:, None],
+            decode=True, mutable=["cache"])
+        logits = mask_vocab(logits[:, -1], vocab_limit)
+        token = sample_rows(logits, st.seed, st.count, st.temperature, st.top_k, st.top_p,
+                            filtered)
+
+        def keep_active(path, x):
+            if getattr(path[-1], "key", None) == "cache_index":
+                return jnp.where(active, x, 0)
+            return x
+
+        cache = jax.tree_util.tree_map_with_path(keep_active, mutated["cache"])
+        st = st._replace(token=token, position=jnp.where(active, st.position + 1, 0),
+                         count=st.count + 1)
+        if attend is None:
+            cache = layout.constrain_cache(cache)
+        return (cache, st), token
+
+    (cache, state), tokens = jax.lax.scan(body, (cache, state), None, length=steps)
+    if attend is not None:
+        cache = _put_window(full, cache, state_in.position, steps)
+    cache, state = _constrain(cache, state, layout)
+    return cache, state, tokens
