@@ -284,8 +284,19 @@ def test_objective_scores_window_logits_through_the_span_search(tmp_path):
     assert scores["exact_match"] == scores["f1"] == 100.0 and scores["no_ans_f1"] == 100.0
     with pytest.raises(ValueError, match="each of the"):
         objective.task_metrics(logits[1:], labels[1:])
-    with pytest.raises(ConfigError, match="TEST_DATA = None"):
-        objective.open_source(f"squad:{path}", role="test")
+    # A test split's questions need no answers; predictions.json is the official script's input.
+    doc = json.loads(path.read_text())
+    for qa in doc["data"][0]["paragraphs"][0]["qas"]:
+        qa.pop("answers"), qa.pop("is_impossible", None)
+    (tmp_path / "test.json").write_text(json.dumps(doc))
+    with pytest.raises(DataSourceError, match="'answers' is missing"):
+        objective.open_source(f"squad:{tmp_path}/test.json")
+    test = objective.open_source(f"squad:{tmp_path}/test.json", role="test")
+    list(objective.make_iterator(test, tok, seq_len=8, global_batch_size=4, seed=0, repeat=False))
+    name, text = objective.prediction_file({"prediction": logits, "index": labels})
+    assert name == "predictions.json" and json.loads(text) == {"a": "w7 w8", "b": ""}
+    with pytest.raises(ValueError, match="every window"):
+        objective.prediction_file({"prediction": logits[1:], "index": labels[1:]})
     with pytest.raises(ConfigError, match="version_2_with_negative = False"):
         ExtractiveQAObjective(version_2_with_negative=False).open_source(f"squad:{path}")
 
@@ -475,6 +486,12 @@ EPOCHS = 5  # 20 steps; measured: EM 56 at step 4 (first eval), 100 from step 8
 
 def test_cli_fine_tune_learns(tmp_path):
     synthetic_squad(tmp_path / "train.json", 64, seed=0)
+    test = json.loads((tmp_path / "train.json").read_text())  # the same questions, no answers
+    for article in test["data"]:
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                qa["answers"] = []
+    (tmp_path / "test.json").write_text(json.dumps(test))
     workdir = tmp_path / "qa"
     proc = subprocess.run(
         [sys.executable, "-m", "research.train", "--gin_file=configs/models/bert_tiny.gin",
@@ -486,7 +503,8 @@ def test_cli_fine_tune_learns(tmp_path):
          "--gin.ExtractiveQAObjective.doc_stride=8",
          "--gin.VOCAB='data/tokenizers/austen_8k.model'",
          f"--gin.TRAIN_DATA='squad:{tmp_path}/train.json'",
-         f"--gin.EVAL_DATA='squad:{tmp_path}/train.json'", f"--workdir={workdir}"],
+         f"--gin.EVAL_DATA='squad:{tmp_path}/train.json'",
+         f"--gin.TEST_DATA='squad:{tmp_path}/test.json'", f"--workdir={workdir}"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -505,5 +523,10 @@ def test_cli_fine_tune_learns(tmp_path):
     assert best >= 60.0 and max(r["eval/f1"] for r in evals) >= baseline + 40.0, \
         ([(r["eval/exact_match"], r["eval/f1"]) for r in evals], baseline)
     assert evals[-1]["eval/loss"] < 0.5 * evals[0]["eval/loss"]
-    assert json.loads((workdir / "best" / "best.json").read_text())["value"] == max(
-        r["eval/f1"] for r in evals)
+    best_f1 = json.loads((workdir / "best" / "best.json").read_text())["value"]
+    assert best_f1 == max(r["eval/f1"] for r in evals)
+    # predictions.json: the best checkpoint's answer to every test question (here the eval
+    # questions without their answers, so it scores what the best eval scored)
+    answers = json.loads((workdir / "predictions.json").read_text())
+    assert set(answers) == set(gold)
+    assert squad_scores(gold, answers)["f1"] == pytest.approx(best_f1, abs=1e-9)

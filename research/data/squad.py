@@ -81,8 +81,10 @@ class QAExamples:
                 f"{sum(ex.is_impossible for ex in self.examples)} unanswerable>")
 
 
-def load_squad(spec: str) -> QAExamples:
+def load_squad(spec: str, allow_unlabeled: bool = False) -> QAExamples:
     """The questions of `squad:PATH` (PATH a glob or object-store URL; files in sorted order).
+    `allow_unlabeled` (test splits): a question may have no (or empty) `answers` without
+    being marked `is_impossible`.
 
     Raises:
       DataSourceError: another prefix, no matching file, invalid JSON, a missing field, an
@@ -95,7 +97,7 @@ def load_squad(spec: str) -> QAExamples:
     paths = expand_glob(rest, PREFIX)
     examples: list[QAExample] = []
     for path in paths:
-        examples += _read_file(path)
+        examples += _read_file(path, allow_unlabeled)
     if not examples:
         raise DataSourceError(f"{spec!r} holds no questions (data -> paragraphs -> qas).")
     seen: set[str] = set()
@@ -110,7 +112,7 @@ def load_squad(spec: str) -> QAExamples:
     return out
 
 
-def _read_file(path: str) -> list[QAExample]:
+def _read_file(path: str, allow_unlabeled: bool = False) -> list[QAExample]:
     try:
         doc = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
@@ -125,7 +127,7 @@ def _read_file(path: str) -> list[QAExample]:
             where = f"{path}: data[{a}].paragraphs[{p}]"
             context = _field(para, "context", str, where)
             for q, qa in enumerate(_field(para, "qas", list, where)):
-                out.append(_example(qa, context, f"{where}.qas[{q}]"))
+                out.append(_example(qa, context, f"{where}.qas[{q}]", allow_unlabeled))
     return out
 
 
@@ -138,7 +140,7 @@ def _field(obj: Any, key: str, kind: type, where: str) -> Any:
     return value
 
 
-def _example(qa: dict, context: str, where: str) -> QAExample:
+def _example(qa: dict, context: str, where: str, allow_unlabeled: bool = False) -> QAExample:
     qid = qa.get("id") if isinstance(qa, dict) else None
     if not isinstance(qid, (str, int)) or isinstance(qid, bool):
         raise DataSourceError(f"{where}: field 'id' is missing or not a string; every question "
@@ -147,8 +149,8 @@ def _example(qa: dict, context: str, where: str) -> QAExample:
     question = _field(qa, "question", str, where)
     impossible = bool(qa.get("is_impossible", False))
     answers = []
-    for i, ans in enumerate(_field(qa, "answers", list, where) if not impossible
-                            else qa.get("answers") or []):
+    for i, ans in enumerate(_field(qa, "answers", list, where)
+                            if not (impossible or allow_unlabeled) else qa.get("answers") or []):
         text = _field(ans, "text", str, f"{where}.answers[{i}]")
         start = _field(ans, "answer_start", int, f"{where}.answers[{i}]")
         if context[start:start + len(text)] != text:
@@ -157,7 +159,7 @@ def _example(qa: dict, context: str, where: str) -> QAExample:
                 f"{context[start:start + len(text)]!r}, not the answer {text!r}; fix "
                 "answer_start (a character offset into the context).")
         answers.append((text, start))
-    if not impossible and not answers:
+    if not impossible and not answers and not allow_unlabeled:
         raise DataSourceError(f"{where}: no answers; mark an unanswerable question with "
                               "\"is_impossible\": true (SQuAD v2.0).")
     return QAExample(qid, question, context, tuple(answers), impossible)

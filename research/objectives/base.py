@@ -145,6 +145,14 @@ class Objective(abc.ABC):
         """One prediction as written to DIR/predictions.tsv (e.g. the label name)."""
         raise NotImplementedError(f"{type(self).__name__} makes no predictions")
 
+    def prediction_file(self, predictions: dict[str, np.ndarray]) -> tuple[str, str]:
+        """(file name, text) of the TEST split's predictions, from `predict`'s outputs over the
+        whole split in example order: predictions.tsv, a header and one
+        `index<TAB>format_prediction` row per example (the GLUE submission layout)."""
+        rows = [f"{int(i)}\t{self.format_prediction(p)}\n"
+                for i, p in zip(predictions["index"], predictions["prediction"])]
+        return "predictions.tsv", "index\tprediction\n" + "".join(rows)
+
     # ------------------------------------------------------------------ cost ---------------
 
     def training_flops(self, cfg: TransformerConfig, batch_size: int, seq_len: int, *,

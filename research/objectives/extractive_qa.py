@@ -11,13 +11,14 @@ answer and `null_score_diff_threshold`) and scores the answers as the official s
 (`squad_metrics`): eval/exact_match and eval/f1 in percent (v2.0 also has_ans_* / no_ans_*).
 The windows scored are those of the last one-pass (repeat=False) iterator this objective made,
 i.e. the eval split's. A training "epoch" counts questions (a long context has several
-windows, so an epoch of windows is a little longer). TEST_DATA is not supported: the eval
-split's answers are what is scored.
+windows, so an epoch of windows is a little longer). TEST_DATA (questions whose answers may be
+missing) gets DIR/predictions.json, {question id: answer}, as the official script reads it.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 
 import flax.linen as nn
 import gin
@@ -73,11 +74,7 @@ class ExtractiveQAObjective(Objective):
     # ------------------------------------------------------------------ data ---------------
 
     def open_source(self, spec: str, *, role: str = "train") -> QAExamples:
-        if role == "test":
-            raise ConfigError("ExtractiveQAObjective writes no predictions.tsv: set "
-                              "TEST_DATA = None; EVAL_DATA's exact match and F1 are logged to "
-                              "DIR/metrics.jsonl.")
-        source = load_squad(spec)
+        source = load_squad(spec, allow_unlabeled=role == "test")
         if self.version_2 is False and source.has_impossible:
             raise ConfigError(f"{source.name} has unanswerable questions (is_impossible) but "
                               "ExtractiveQAObjective.version_2_with_negative = False; set it to "
@@ -190,5 +187,14 @@ class ExtractiveQAObjective(Objective):
         return squad_scores(features.examples.gold(), self.answers(predictions, features),
                             version_2=bool(self.version_2))
 
-    def format_prediction(self, value: float) -> str:
-        raise ConfigError("ExtractiveQAObjective writes no predictions.tsv; set TEST_DATA = None.")
+    def prediction_file(self, predictions: dict[str, np.ndarray]) -> tuple[str, str]:
+        """predictions.json, {question id: answer text ("" = no answer)}: the file the
+        official SQuAD evaluation script reads, from the test split's window logits
+        (`predictions["prediction"]` float[F, 2, L], windows in order)."""
+        features = self.scored_features
+        logits = np.asarray(predictions["prediction"])
+        if features is None or len(logits) != len(features):
+            raise ValueError("ExtractiveQAObjective: predictions.json needs the logits of every "
+                             "window of the test split, in order (a repeat=False iterator's).")
+        answers = self.answers(logits, features)
+        return "predictions.json", json.dumps(answers, indent=1, ensure_ascii=False) + "\n"

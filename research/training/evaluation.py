@@ -19,7 +19,6 @@ from research.training import partitioning
 from research.training.setup import Setup
 from research.training.steps import to_host
 
-PREDICTIONS_FILE = "predictions.tsv"
 
 
 def evaluate(setup: Setup, eval_step: Callable, params: Any, iterator: Iterator,
@@ -79,14 +78,14 @@ class Evaluator:
 
 def write_predictions(workdir: str, setup: Setup, predict_step: Callable, params: Any,
                       source: Any, data_kwargs: dict[str, Any]) -> None:
-    """DIR/predictions.tsv: `index<TAB>prediction` per test example (GLUE submission layout)."""
+    """The test split's predictions in DIR, as the objective's `prediction_file` lays them out
+    (predictions.tsv, `index<TAB>prediction` per example; extractive QA: predictions.json)."""
     it = setup.objective.make_iterator(source, setup.tokenizer, repeat=False, shuffle=False,
                                        **data_kwargs)
     preds = predict_all(setup, predict_step, params, it)
     if jax.process_index() != 0:
         return
-    path = storage.join(workdir, PREDICTIONS_FILE)
-    rows = [f"{int(i)}\t{setup.objective.format_prediction(p)}\n"
-            for i, p in zip(preds["index"], preds["prediction"])]
-    workdir_lib.write_text(path, "index\tprediction\n" + "".join(rows))
+    name, text = setup.objective.prediction_file(preds)
+    path = storage.join(workdir, name)
+    workdir_lib.write_text(path, text)
     logging.info("wrote %d test predictions to %s", len(preds["index"]), path)
