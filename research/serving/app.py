@@ -99,6 +99,93 @@ def _describe_validation(errors: Sequence[dict]) -> tuple[str, str | None]:
     return message + ".", param
 
 
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error answers an OpenAI-style JSON body {"error": {message, type, param}}."""
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        message, param = _describe_validation(exc.errors())
+        return _error_response(400, message, param)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError):
+        return _error_response(exc.status, exc.message, exc.param, exc.kind)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(exc.status_code, str(exc.detail), None, kind)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}", None,
+                               "server_error")
+
+
+async def _complete(served: Served, body: CompletionRequest, request: Request):
+    """POST /v1/completions: the engine's answers to every choice of every prompt (a JSON
+    response, or server-sent events with `stream`)."""
+    if served.engine is None:
+        raise ApiError(400, f"{served.name} is a classification model: POST /v1/classify "
+                       "with {\"input\": ...} instead of /v1/completions.", "prompt")
+    if served.draining:
+        raise ApiError(503, "the server is shutting down.", None, "server_error")
+    unsupported = body.check_unsupported()
+    if unsupported:
+        raise ApiError(400, unsupported[1], unsupported[0])
+    jobs = _completion_jobs(served, body)
+    loop = asyncio.get_running_loop()
+    handles: list[RequestHandle] = []
+    try:
+        for ids, params in jobs:
+            handles.append(served.engine.submit(ids, params, loop=loop))
+    except ShuttingDownError as err:
+        _cancel(handles)
+        raise ApiError(503, "the server is shutting down.", None, "server_error") from err
+    except RequestError as err:
+        _cancel(handles)
+        raise ApiError(400, str(err), err.field) from err
+    prompt_tokens = sum(len(ids) for ids, _ in jobs[::body.n])
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": served.name}
+    if body.stream:
+        options = (body.model_extra or {}).get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        return StreamingResponse(_stream(handles, head, prompt_tokens, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    results = await _collect(handles, request)
+    if results is None:  # the client went away; its slots are freed
+        return Response(status_code=499)
+    choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+               for i, (text, _, reason) in enumerate(results)]
+    completion_tokens = sum(count for _, count, _ in results)
+    return {**head, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+async def _classify(served: Served, body: ClassifyRequest):
+    """POST /v1/classify: label (or value) and probabilities of each input."""
+    classifier = served.classifier
+    if classifier is None:
+        raise ApiError(400, f"{served.name} is a causal language model: POST "
+                       "/v1/completions with {\"prompt\": ...} instead of /v1/classify.",
+                       "input")
+    examples = _classify_examples(body.input, classifier.facts.pair)
+    scores = await asyncio.to_thread(classifier.scores, examples)
+    data = []
+    for i, row in enumerate(scores):
+        if classifier.regression:
+            data.append({"index": i, "value": float(row[0])})
+            continue
+        names = classifier.facts.label_names
+        probs = {names[c]: float(p) for c, p in enumerate(row)}
+        data.append({"index": i, "label": names[int(row.argmax())], "probabilities": probs})
+    return {"object": "list", "data": data, "model": served.name}
+
+
 def make_metrics(capacity: int) -> ServingMetrics:
     """The metrics of one app; pass it to the Engine as its observer and to `create_app`."""
     return ServingMetrics(capacity, ENDPOINTS)
@@ -125,25 +212,7 @@ def create_app(served: Served, metrics: ServingMetrics | None = None) -> FastAPI
     app.state.served, app.state.metrics = served, metrics
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, exc: RequestValidationError):
-        message, param = _describe_validation(exc.errors())
-        return _error_response(400, message, param)
-
-    @app.exception_handler(ApiError)
-    async def on_api_error(request: Request, exc: ApiError):
-        return _error_response(exc.status, exc.message, exc.param, exc.kind)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(exc.status_code, str(exc.detail), None, kind)
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, exc: Exception):
-        log.exception("internal error on %s", request.url.path)
-        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}", None,
-                               "server_error")
+    _install_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -168,64 +237,12 @@ def create_app(served: Served, metrics: ServingMetrics | None = None) -> FastAPI
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(body: CompletionRequest, request: Request):
-        if served.engine is None:
-            raise ApiError(400, f"{served.name} is a classification model: POST /v1/classify "
-                           "with {\"input\": ...} instead of /v1/completions.", "prompt")
-        if served.draining:
-            raise ApiError(503, "the server is shutting down.", None, "server_error")
-        unsupported = body.check_unsupported()
-        if unsupported:
-            raise ApiError(400, unsupported[1], unsupported[0])
-        jobs = _completion_jobs(served, body)
-        loop = asyncio.get_running_loop()
-        handles: list[RequestHandle] = []
-        try:
-            for ids, params in jobs:
-                handles.append(served.engine.submit(ids, params, loop=loop))
-        except ShuttingDownError as err:
-            _cancel(handles)
-            raise ApiError(503, "the server is shutting down.", None, "server_error") from err
-        except RequestError as err:
-            _cancel(handles)
-            raise ApiError(400, str(err), err.field) from err
-        prompt_tokens = sum(len(ids) for ids, _ in jobs[::body.n])
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": served.name}
-        if body.stream:
-            options = (body.model_extra or {}).get("stream_options")
-            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            return StreamingResponse(_stream(handles, head, prompt_tokens, include_usage),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        results = await _collect(handles, request)
-        if results is None:  # the client went away; its slots are freed
-            return Response(status_code=499)
-        choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-                   for i, (text, _, reason) in enumerate(results)]
-        completion_tokens = sum(count for _, count, _ in results)
-        return {**head, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        return await _complete(served, body, request)
 
     @app.post("/v1/classify", response_model=ClassifyResponse,
               response_model_exclude_none=True)
     async def classify(body: ClassifyRequest):
-        classifier = served.classifier
-        if classifier is None:
-            raise ApiError(400, f"{served.name} is a causal language model: POST "
-                           "/v1/completions with {\"prompt\": ...} instead of /v1/classify.",
-                           "input")
-        examples = _classify_examples(body.input, classifier.facts.pair)
-        scores = await asyncio.to_thread(classifier.scores, examples)
-        data = []
-        for i, row in enumerate(scores):
-            if classifier.regression:
-                data.append({"index": i, "value": float(row[0])})
-                continue
-            names = classifier.facts.label_names
-            probs = {names[c]: float(p) for c, p in enumerate(row)}
-            data.append({"index": i, "label": names[int(row.argmax())], "probabilities": probs})
-        return {"object": "list", "data": data, "model": served.name}
+        return await _classify(served, body)
 
     return app
 
