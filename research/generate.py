@@ -169,7 +169,13 @@ def load_for_generation(workdir: str, step: int | None = None, layout: Layout | 
                                                           jnp.zeros((1, 1), jnp.int32))["params"]))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract, layout.param_shardings(model))
-    ckpt = Checkpointer(checkpoints, save_every=1, async_save=False)
+    return model, restore_workdir_params(workdir, step, abstract), tokenizer
+
+
+def restore_workdir_params(workdir: str, step: int | None, abstract):
+    """The parameters of DIR/checkpoints at `step` (None: the latest), restored straight into
+    `abstract`'s shapes and shardings; ConfigError naming the saved steps if there is none."""
+    ckpt = Checkpointer(storage.join(workdir, "checkpoints"), save_every=1, async_save=False)
     try:
         steps = ckpt.all_steps()
         if not steps or (step is not None and step not in steps):
@@ -177,10 +183,9 @@ def load_for_generation(workdir: str, step: int | None = None, layout: Layout | 
             raise ConfigError(f"--workdir={workdir} has {wanted} (saved steps: "
                               f"{steps or 'none yet'}); pass one of them or leave --step out "
                               "for the latest.")
-        params = ckpt.restore_params(step, abstract)
+        return ckpt.restore_params(step, abstract)
     finally:
         ckpt.close()
-    return model, params, tokenizer
 
 
 def _mesh_shape(text: str) -> dict[str, int]:

@@ -32,11 +32,11 @@ import numpy as np
 
 from research import storage
 from research import workdir as workdir_lib
-from research.checkpoints.manager import Checkpointer
 from research.data.classification.encoding import encode_example
 from research.data.tokenizer import load_tokenizer
 from research.decoding.layout import Layout
 from research.errors import ConfigError
+from research.generate import restore_workdir_params
 from research.models.heads import SequenceClassifier
 from research.models.transformer import TransformerConfig
 from research.training import partitioning
@@ -242,15 +242,5 @@ def load_classifier(workdir: str, step: int | None = None, *, max_batch: int = 1
     if not storage.isdir(checkpoints):
         raise ConfigError(f"--workdir={workdir} has no checkpoints/ yet; train it until a "
                           "checkpoint is saved.")
-    ckpt = Checkpointer(checkpoints, save_every=1, async_save=False)
-    try:
-        steps = ckpt.all_steps()
-        if not steps or (step is not None and step not in steps):
-            wanted = f"no checkpoint at --step={step}" if steps else "no checkpoint"
-            raise ConfigError(f"--workdir={workdir} has {wanted} (saved steps: "
-                              f"{steps or 'none yet'}); pass one of them or leave --step out "
-                              "for the latest.")
-        params = ckpt.restore_params(step, abstract)
-    finally:
-        ckpt.close()
+    params = restore_workdir_params(workdir, step, abstract)
     return Classifier(model, params, tokenizer, facts, seq_len=seq_len, max_batch=max_batch)
