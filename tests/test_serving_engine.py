@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import ROOT
 from research.decoding.layout import Layout, scan_axes
 from research.generate import generate
 from research.models.transformer import CausalLM, TransformerConfig
@@ -291,6 +292,33 @@ def test_async_consumer_gets_the_events_in_order(engine):
     assert (ids, text, reason) == engine.submit(PROMPTS[0], params).result(TIMEOUT)
 
 
+@pytest.mark.parametrize("stops", [(), ("Mr. Darcy",)], ids=["no_stop", "stop"])
+def test_long_text_stream_equals_decoding_everything(stops):
+    """Hundreds of tokens (past many settle points), one at a time and in steps of 4: the
+    deltas concatenate to the text of all ids after the prompt (SentencePiece's word
+    boundaries and byte-fallback characters included), cut at the stop string."""
+    from research.data.tokenizer import Tokenizer
+    tok = Tokenizer(str(ROOT / "data" / "tokenizers" / "austen_8k.model"))
+    prompt = tok.encode("It is a truth universally acknowledged,")
+    text = (" that a single man — naïve or not — in possession of a good fortune, must be in "
+            "want of a wife; «déjà vu» 文字. ") * 12 + "Mr. Darcy bowed. " + "Then more. " * 5
+    ids = tok.encode(text)
+    full = tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+    assert len(ids) > 300 and "\ufffd" not in full
+    want = full[:full.find(stops[0])] if stops else full
+    for size in (1, 4):
+        stream = TextStream(tok.decode, prompt, stops)
+        out = []
+        for i in range(0, len(ids), size):
+            delta, _ = stream.add(ids[i:i + size])
+            out.append(delta)
+            if stream.stopped:
+                break
+        if not stream.stopped:
+            out.append(stream.finish())
+        assert "".join(out) == want and stream.stopped == bool(stops)
+
+
 # ---- compilation, validation, lifecycle --------------------------------------------------------
 
 
@@ -370,10 +398,63 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(mp):
         failed = eng.submit(PROMPTS[0], SamplingParams(max_tokens=10)).result(TIMEOUT)
         assert failed[2] == "error"  # its prefill failed
         failed = eng.submit(PROMPTS[0], SamplingParams(max_tokens=10)).result(TIMEOUT)
-        assert failed[2] == "error" and len(failed[0]) == 5  # first token + 4, then a failure
+        # Its first token, one decode step (a slot is free: one step per call), then a failure.
+        assert failed[2] == "error" and len(failed[0]) == 2
         assert eng.submit(PROMPTS[0], SamplingParams(max_tokens=3)).result(TIMEOUT)[2] == "length"
     finally:
         eng.shutdown(timeout=TIMEOUT)
+
+
+def test_a_burst_is_admitted_before_the_next_decode_step_and_streams_per_prefill(mp):
+    """One prompt per prefill call (prefill_tokens=16): a request that arrives during a
+    prefill joins the next prefill, not after a decode step, and each call's first token is
+    out before the next call starts."""
+    eng = make_engine(mp, prefill_tokens=16)
+    calls, seen = [], []
+    real_admit, real_decode = eng._admit_call, eng._decode_call
+    late: list = []
+
+    def admit(*args):
+        calls.append("admit")
+        seen.append([h.first_token_at is not None for h in handles + late])
+        if len(calls) == 1:  # arrives while the first prefill runs
+            late.append(eng.submit(PROMPTS[2], SamplingParams(max_tokens=3)))
+        return real_admit(*args)
+
+    def decode(*args):
+        calls.append(f"decode{args[-1]}")
+        return real_decode(*args)
+
+    eng._admit_call, eng._decode_call = admit, decode
+    handles = [eng.submit(PROMPTS[i], SamplingParams(max_tokens=3)) for i in range(2)]
+    eng.start()
+    try:
+        assert all(h.result(TIMEOUT)[2] == "length" for h in handles + late)
+    finally:
+        eng.shutdown(timeout=TIMEOUT)
+    assert calls[:3] == ["admit"] * 3 and "admit" not in calls[3:]
+    assert seen == [[False, False], [True, False, False], [True, True, False]]
+    # 3 of 4 slots taken: one step per decode call (3 tokens = the first + 2 steps).
+    assert calls[3:] == ["decode1", "decode1"]
+
+
+def test_a_full_batch_runs_steps_per_sync_steps_per_call(mp):
+    steps = []
+    eng = make_engine(mp, max_batch=2, steps_per_sync=4)
+    real = eng._decode_call
+    eng._decode_call = lambda *args: steps.append(args[-1]) or real(*args)
+    handles = [eng.submit(PROMPTS[0], SamplingParams(max_tokens=9, seed=i)) for i in range(2)]
+    alone = make_engine(mp, max_batch=2, steps_per_sync=4)
+    alone.start()
+    eng.start()
+    try:
+        got = [h.result(TIMEOUT) for h in handles]
+        assert got == [alone.submit(PROMPTS[0], SamplingParams(max_tokens=9, seed=i))
+                       .result(TIMEOUT) for i in range(2)]
+    finally:
+        eng.shutdown(timeout=TIMEOUT)
+        alone.shutdown(timeout=TIMEOUT)
+    assert steps == [4, 4] and all(len(ids) == 9 for ids, _, _ in got)
 
 
 def test_sharded_engine_equals_one_device(mp, engine):

@@ -58,8 +58,9 @@ class SpecialPieces(abc.ABC):
 
     def decode(self, ids) -> str:
         """Text of `ids` (any shape), special ids dropped."""
-        flat = [int(i) for i in np.asarray(ids).reshape(-1)]
-        return self._decode_ids([i for i in flat if i not in self.special_ids])
+        special = self.special_ids
+        return self._decode_ids([i for i in np.asarray(ids).reshape(-1).tolist()
+                                 if i not in special])
 
     @abc.abstractmethod
     def _decode_ids(self, ids: list[int]) -> str:

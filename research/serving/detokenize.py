@@ -4,7 +4,8 @@ character, and cut before the first stop string.
 
 The text of tokens `new` after a prompt is `research.decoding.stopping.continuation` with the
 prompt's last CONTEXT tokens as the prefix (enough for SentencePiece's word boundary; decoding
-the whole prompt each step would cost O(prompt) per token).
+the whole prompt each step would cost O(prompt) per token). Likewise generated tokens settle
+every 2 * CONTEXT tokens (at a whole character): a step decodes at most 3 * CONTEXT tokens.
 """
 
 from __future__ import annotations
@@ -43,14 +44,25 @@ class TextStream:
         self.context = list(prompt[-CONTEXT:])
         self.head = decode(self.context)
         self.stops = tuple(s for s in stops if s)
-        self.ids: list[int] = []
+        self.settled = ""  # the text of the ids before `pending`
+        self.pending: list[int] = []  # ids decoded after `context` at each step
         self.emitted = ""
         self.stopped = False
 
     def text(self) -> str:
         """The continuation text of every token added so far."""
-        full = self.decode(self.context + self.ids)
-        return full[len(self.head):] if full.startswith(self.head) else self.decode(self.ids)
+        full = self.decode(self.context + self.pending)
+        tail = (full[len(self.head):] if full.startswith(self.head)
+                else self.decode(self.pending))
+        if len(self.pending) >= 2 * CONTEXT and not tail.endswith(REPLACEMENT):
+            # Settle: later tokens are decoded after these ones' last CONTEXT ids only, so a
+            # step costs O(CONTEXT), not O(tokens so far).
+            self.settled += tail
+            self.context = (self.context + self.pending)[-CONTEXT:]
+            self.head = self.decode(self.context)
+            self.pending = []
+            return self.settled
+        return self.settled + tail
 
     def _release(self, upto: str) -> str:
         """The part of `upto` after what was emitted, if `upto` extends it (else nothing: the
@@ -68,7 +80,7 @@ class TextStream:
         if not ids:
             return "", 0
         for taken, token in enumerate(ids, 1):
-            self.ids.append(int(token))
+            self.pending.append(int(token))
             text = self.text()
             at = stopping.find_stop(text, self.stops)
             if at >= 0:

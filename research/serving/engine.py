@@ -1,9 +1,9 @@
 """Continuous-batching inference engine: concurrent requests share one jitted decode step over a
 fixed set of KV-cache slots (`research.serving.slots`).
 
-A background thread runs the loop. Between steps the host admits the waiting requests (one
-prefill call per prompt-length bucket, powers of two, so nothing recompiles per request; the
-prompts are moved into free slots), streams each request's new tokens and text, and ends
+A background thread runs the loop. Between steps the host admits the waiting requests (prefill
+calls of a fixed shape per prompt-length bucket, powers of two, so nothing recompiles per
+request; the prompts are moved into free slots), streams each request's new tokens and text, and ends
 requests at EOS, `max_tokens`, a stop string or a cancel, freeing their slots for the queue.
 
 Sampling follows each request's own parameters; its n-th token is drawn with noise hashed
@@ -55,12 +55,15 @@ class Engine:
 
     `decode` maps token ids to text (the tokenizer's); ids >= `vocab_limit` are never
     generated. `layout` shards the parameters and the cache (default: the first device).
-    `steps_per_sync` decode steps run per host round trip (more: less host overhead, later
-    admission and ends). Each step attends only to the cache prefix its longest request
+    When every slot is taken, `steps_per_sync` decode steps run per host round trip (more:
+    less host overhead, later ends); while a slot is free, one (a request that arrives waits
+    for one step at most, then joins). Each step attends only to the cache prefix its longest request
     needs, rounded up to a power of two >= `min_attend` (one compiled step per length).
     Prompts of length bucket P are prefilled `prefill_rows(P)` at a time, about
     `prefill_tokens` / P (a fixed shape per bucket: more rows cost a lone request more time
-    to first token and save time when many arrive together)."""
+    to first token and save time when many arrive together); each prefill call's first tokens
+    stream before the next call, and waiting requests are all admitted before the next decode
+    step."""
 
     def __init__(self, model: CausalLM, params: Any, *, decode: Callable[[Sequence[int]], str],
                  eos_id: int, pad_id: int, vocab_limit: int, max_batch: int = 16,
@@ -163,13 +166,15 @@ class Engine:
         self._ensure_slots()
         with self.layout.context():
             for width in self.prompt_buckets:
-                n = self._admit_size(width)
-                self._admit_call(0, np.full((n, width), self.pad_id, np.int32),
+                n = self.prefill_rows(width)
+                self._admit_call(np.full((n, width), self.pad_id, np.int32),
                                  np.ones((n,), np.int32), np.full((n,), self.capacity, np.int32),
                                  *self._request_arrays([None] * n))
             for attend in self.attend_buckets:
                 for filtered in (False, True):
-                    self._decode_call(np.zeros((self.capacity,), bool), filtered, attend)
+                    for steps in sorted({1, self.steps_per_sync}):
+                        self._decode_call(np.zeros((self.capacity,), bool), filtered, attend,
+                                          steps)
             jax.block_until_ready(self._state)
 
     def start(self) -> None:
@@ -263,52 +268,58 @@ class Engine:
         """How many prompts of padded length `width` one prefill computes together."""
         return max(1, min(self.capacity, self.prefill_tokens // width))
 
-    def _admit_size(self, width: int) -> int:
-        """Rows of the admit arrays: max_batch rounded up to a multiple of prefill_rows."""
-        rows = self.prefill_rows(width)
-        return -(-self.capacity // rows) * rows
-
-    def _admit_call(self, count, tokens, lengths, slots, seed, temperature, top_k,
+    def _admit_call(self, tokens, lengths, slots, seed, temperature, top_k,
                     top_p) -> np.ndarray:
         self._cache, self._state, first = slots_lib.admit(
-            self.model, self.params, self._cache, self._state, np.int32(count), tokens, lengths,
-            slots, seed, temperature, top_k, top_p, layout=self.layout,
-            vocab_limit=self.vocab_limit, rows=self.prefill_rows(tokens.shape[1]))
+            self.model, self.params, self._cache, self._state, tokens, lengths, slots, seed,
+            temperature, top_k, top_p, layout=self.layout, vocab_limit=self.vocab_limit)
         return first
 
-    def _decode_call(self, active: np.ndarray, filtered: bool, attend: int) -> np.ndarray:
+    def _decode_call(self, active: np.ndarray, filtered: bool, attend: int,
+                     steps: int) -> np.ndarray:
         self._cache, self._state, tokens = slots_lib.decode(
             self.model, self.params, self._cache, self._state, active, layout=self.layout,
-            vocab_limit=self.vocab_limit, steps=self.steps_per_sync, filtered=filtered,
-            attend=attend)
+            vocab_limit=self.vocab_limit, steps=steps, filtered=filtered, attend=attend)
         return tokens
 
     def _admit_waiting(self) -> None:
-        """Prefills the waiting requests into free slots (all of them in one call per prompt
-        bucket, up to the free slots) and streams their first tokens."""
-        with self._lock:
-            free = [i for i, s in enumerate(self._slots) if s is None]
-            taken: list[RequestHandle] = []
-            while self._waiting and len(taken) < len(free):
-                handle = self._waiting.popleft()
-                if handle.cancelled:
-                    self._finish(handle, "cancelled")
-                    continue
-                taken.append(handle)
-            self._admitting = taken  # failed with the step if admission raises
-        if not taken:
-            return
-        groups: dict[int, list[tuple[int, RequestHandle]]] = {}
-        for slot, handle in zip(free, taken):
-            width = slots_lib.bucket(handle.prompt_tokens, self.prompt_buckets[0], self.max_len)
-            groups.setdefault(width, []).append((slot, handle))
-        for width, group in sorted(groups.items()):
+        """Prefills waiting requests into free slots, one call of `prefill_rows(P)` prompts at
+        a time, and streams each call's first tokens as soon as it returns. Requests that
+        arrive meanwhile join the next call: a burst is admitted with no decode step between
+        its prefills."""
+        while True:
+            with self._lock:
+                width, group = self._take_group()
+                self._admitting = [h for _, h in group]  # failed with the step if it raises
+            if not group:
+                return
             self._admit_group(width, group)
-        self._admitting = []
+            self._admitting = []
+
+    def _take_group(self) -> tuple[int, list[tuple[int, RequestHandle]]]:
+        """(P, [(slot, request)]): the oldest waiting request's prompt bucket P and up to
+        `prefill_rows(P)` waiting requests of that bucket (oldest first), each given a free
+        slot; taken off the queue. Cancelled requests met on the way end. Call under the lock."""
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        width, group, kept = 0, [], collections.deque()
+        while self._waiting:
+            handle = self._waiting.popleft()
+            if handle.cancelled:
+                self._finish(handle, "cancelled")
+                continue
+            bucket = slots_lib.bucket(handle.prompt_tokens, self.prompt_buckets[0], self.max_len)
+            width = width or bucket
+            if bucket == width and len(group) < min(len(free), self.prefill_rows(width)):
+                group.append((free[len(group)], handle))
+            else:
+                kept.append(handle)
+        self._waiting = kept
+        return width, group
 
     def _admit_group(self, width: int, group: list[tuple[int, RequestHandle]]) -> None:
-        """One prefill call for requests whose prompts share the length bucket `width`."""
-        n = self._admit_size(width)
+        """One prefill call for up to `prefill_rows(width)` requests whose prompts share the
+        length bucket `width`."""
+        n = self.prefill_rows(width)
         tokens = np.full((n, width), self.pad_id, np.int32)
         lengths = np.ones((n,), np.int32)
         where = np.full((n,), self.capacity, np.int32)  # padding rows: not stored
@@ -317,7 +328,7 @@ class Engine:
             lengths[j] = handle.prompt_tokens
             where[j] = slot
         padded = [h for _, h in group] + [None] * (n - len(group))
-        first = np.asarray(self._admit_call(len(group), tokens, lengths, where,
+        first = np.asarray(self._admit_call(tokens, lengths, where,
                                             *self._request_arrays(padded)))
         now = time.monotonic()
         with self._lock:
@@ -341,11 +352,13 @@ class Engine:
             return
         filtered = any(h.params.top_k > 0 or h.params.top_p < 1.0
                        for h in owners if h is not None)
+        # A free slot may be taken at any moment: sync every step so that a new request waits
+        # for at most one step, not `steps_per_sync`.
+        steps = self.steps_per_sync if active.all() else 1
         needed = max(h.prompt_tokens + len(h.token_ids) - 1 for h in owners if h is not None)
-        attend = slots_lib.bucket(needed + self.steps_per_sync, self.attend_buckets[0],
-                                  self.max_len)
+        attend = slots_lib.bucket(needed + steps, self.attend_buckets[0], self.max_len)
         start = time.monotonic()
-        tokens = np.asarray(self._decode_call(active, filtered, attend))  # [steps, B]
+        tokens = np.asarray(self._decode_call(active, filtered, attend, steps))  # [steps, B]
         seconds = time.monotonic() - start
         new = 0
         for i, handle in enumerate(owners):

@@ -11,8 +11,9 @@ Sampling is per row: temperature (0 = greedy), top-k (0 = off) and top-p (1 = of
 Gumbel noise hashed from the request's seed and the index n of the token it draws (n from 0),
 so a request's tokens do not depend on the other rows.
 
-Shapes: B = max_batch slots, S = max_len, n = B prompts admitted per call (the first `count`
-real), P their padded length (a bucket: powers of two from 16 up to S), V vocab.
+Shapes: B = max_batch slots, S = max_len, n prompts admitted per call (padding rows go to
+slot index B, dropped), P their padded length (a bucket: powers of two from 16 up to S), V
+vocab.
 """
 
 from __future__ import annotations
@@ -134,14 +135,19 @@ def sample_rows(logits: Array, seed: Array, count: Array, temperature: Array, to
     only when some row needs more (which path a row takes depends on that row alone)."""
     v = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    if filtered:
-        fast, resolved = _filter_candidates(scaled, top_k, top_p)
-        scaled = jax.lax.cond(
-            jnp.all(resolved), lambda: fast,
-            lambda: jnp.where(resolved[:, None], fast, _filter_sorted(scaled, top_k, top_p)))
-    drawn = jnp.argmax(scaled + gumbel_noise(seed, count, v), axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+
+    def draw() -> Array:
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        if filtered:
+            fast, resolved = _filter_candidates(scaled, top_k, top_p)
+            scaled = jax.lax.cond(
+                jnp.all(resolved), lambda: fast,
+                lambda: jnp.where(resolved[:, None], fast, _filter_sorted(scaled, top_k, top_p)))
+        drawn = jnp.argmax(scaled + gumbel_noise(seed, count, v), axis=-1).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    # An all-greedy batch skips the noise and filters (most of a small model's step).
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
 
 
 def empty_cache(model: CausalLM, rows: int, length: int, per_row_index: bool) -> Cache:
@@ -207,51 +213,40 @@ def _insert(cache: Cache, filled: Cache, slots: Array, lengths: Array) -> Cache:
     return jax.tree_util.tree_map_with_path(put, cache, filled)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "layout", "vocab_limit", "rows"),
+@functools.partial(jax.jit, static_argnames=("model", "layout", "vocab_limit"),
                    donate_argnames=("cache", "state"))
-def admit(model: CausalLM, params: Any, cache: Cache, state: SlotState, count: Array,
-          tokens: Array, lengths: Array, slots: Array, seed: Array, temperature: Array,
-          top_k: Array, top_p: Array, *, layout: Layout, vocab_limit: int,
-          rows: int = 1) -> tuple[Cache, SlotState, Array]:
-    """Prefills the first `count` (int32 scalar) of the left-padded prompts tokens int32[n, P]
-    (lengths int32[n], n a multiple of `rows`) `rows` at a time, samples each one's first token
-    (count 0) and moves it into its slot (slots int32[n]; an index >= B: not stored).
-    Per-request arrays [n]; rows past `count` are padding.
+def admit(model: CausalLM, params: Any, cache: Cache, state: SlotState, tokens: Array,
+          lengths: Array, slots: Array, seed: Array, temperature: Array, top_k: Array,
+          top_p: Array, *, layout: Layout, vocab_limit: int) -> tuple[Cache, SlotState, Array]:
+    """Prefills the left-padded prompts tokens int32[n, P] (lengths int32[n]), samples each
+    one's first token (count 0) and moves it into its slot (slots int32[n]; an index >= B: a
+    padding row, not stored). Per-request arrays [n].
 
-    A loop of prefills of the fixed shape [rows, P], whose rows XLA computes independently:
-    a request's numbers (hence its tokens) are those it gets alone, whatever is admitted with
-    it; `count`, traced, compiles nothing new. Returns (cache, state, first tokens int32[n])."""
-    width = tokens.shape[1]
-    fresh = empty_cache(model, rows, width, per_row_index=False)
+    XLA computes the rows independently: a request's numbers (hence its tokens) are those it
+    gets alone, whatever is admitted with it. Returns (cache, state, first tokens int32[n])."""
+    n, width = tokens.shape
+    segments = (jnp.arange(width)[None] >= width - lengths[:, None]).astype(jnp.int32)
+    hidden, mutated = model.apply(
+        {"params": params, "cache": layout.constrain_cache(
+            empty_cache(model, n, width, per_row_index=False))}, tokens,
+        segment_ids=segments, positions=prompt_positions(segments), decode=True,
+        mutable=["cache"], method=CausalLM.hidden)
+    # Only the last position's logits are needed: the output projection of one token.
+    logits = model.apply({"params": params}, hidden[:, -1:], method=CausalLM.project)
+    logits = mask_vocab(logits[:, -1], vocab_limit)
+    first = sample_rows(logits, seed, jnp.zeros((n,), jnp.int32), temperature, top_k, top_p,
+                        filtered=True)
+    cache = _insert(cache, mutated["cache"], slots, lengths)
 
-    def chunk(j, carry):
-        cache, state, first = carry
-        pick = lambda x: jax.lax.dynamic_slice_in_dim(x, j * rows, rows)  # noqa: E731
-        length, where = pick(lengths), pick(slots)
-        segments = (jnp.arange(width)[None] >= width - length[:, None]).astype(jnp.int32)
-        hidden, mutated = model.apply(
-            {"params": params, "cache": layout.constrain_cache(fresh)}, pick(tokens),
-            segment_ids=segments, positions=prompt_positions(segments), decode=True,
-            mutable=["cache"], method=CausalLM.hidden)
-        # Only the last position's logits are needed: the output projection of one token.
-        logits = model.apply({"params": params}, hidden[:, -1:], method=CausalLM.project)
-        logits = mask_vocab(logits[:, -1], vocab_limit)
-        token = sample_rows(logits, pick(seed), jnp.zeros((rows,), jnp.int32),
-                            pick(temperature), pick(top_k), pick(top_p), filtered=True)
-        cache = _insert(cache, mutated["cache"], where, length)
+    def put(old, new):
+        return old.at[slots].set(new.astype(old.dtype), mode="drop")
 
-        def put(old, new):
-            return old.at[where].set(new.astype(old.dtype), mode="drop")
-
-        state = SlotState(put(state.token, token), put(state.position, length),
-                          put(state.count, jnp.ones_like(length)), put(state.seed, pick(seed)),
-                          put(state.temperature, pick(temperature)),
-                          put(state.top_k, pick(top_k)), put(state.top_p, pick(top_p)))
-        cache, state = _constrain(cache, state, layout)
-        return cache, state, jax.lax.dynamic_update_slice_in_dim(first, token, j * rows, 0)
-
-    first = jnp.zeros(lengths.shape, jnp.int32)
-    return jax.lax.fori_loop(0, (count + rows - 1) // rows, chunk, (cache, state, first))
+    state = SlotState(put(state.token, first), put(state.position, lengths),
+                      put(state.count, jnp.ones_like(lengths)), put(state.seed, seed),
+                      put(state.temperature, temperature), put(state.top_k, top_k),
+                      put(state.top_p, top_p))
+    cache, state = _constrain(cache, state, layout)
+    return cache, state, first
 
 
 def _window(cache: Cache, attend: int) -> Cache:
