@@ -58,7 +58,7 @@ def _limit(text: str) -> int | float:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from research.generate import _mesh_shape
+    from research.decoding.layout import mesh_shape_arg
     parser = cli.ArgumentParser(prog="python -m research.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a causal-LM training workdir (or a "
@@ -80,7 +80,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of tasks that sample")
     parser.add_argument("--output", default=None, metavar="FILE",
                         help="write the results JSON here")
-    parser.add_argument("--mesh_shape", type=_mesh_shape, default={"tensor": -1},
+    parser.add_argument("--mesh_shape", type=mesh_shape_arg, default={"tensor": -1},
                         help="devices mesh, axes data/fsdp/tensor (default \"{'tensor': -1}\")")
     parser.add_argument("--rules", choices=sorted(RULE_PRESETS), default=None,
                         help="logical-axis rules preset (default: the run's config.gin)")

@@ -27,7 +27,6 @@ larger than one device thus generates; the tokens equal one device's (tested on 
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from typing import Sequence
 
@@ -43,7 +42,7 @@ from research.data.tokenizer import load_tokenizer
 from research.decoding import beam_search as beam_lib
 from research.decoding import sampling, stopping
 from research.decoding.cache import cache_sized, check_length, left_pad
-from research.decoding.layout import Layout, run_rules
+from research.decoding.layout import Layout, mesh_shape_arg, run_rules
 from research.decoding.sampling import sample_logits
 from research.errors import ConfigError
 from research.models.transformer import CausalLM, TransformerConfig
@@ -188,18 +187,6 @@ def restore_workdir_params(workdir: str, step: int | None, abstract):
         ckpt.close()
 
 
-def _mesh_shape(text: str) -> dict[str, int]:
-    """--mesh_shape's value: a dict literal such as "{'data': 2, 'tensor': 4}"."""
-    try:
-        shape = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        shape = None
-    if not isinstance(shape, dict) or not all(isinstance(v, int) for v in shape.values()):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a dict of axis sizes, e.g. \"{{'data': 2, 'tensor': 4}}\"")
-    return shape
-
-
 def _early_stopping(text: str) -> bool | str:
     return {"false": False, "true": True, "never": "never"}[text]
 
@@ -227,7 +214,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="end a row once its text contains TEXT; the output is cut before "
                              "it (repeatable; greedy or sampling)")
-    parser.add_argument("--mesh_shape", type=_mesh_shape, default={"tensor": -1},
+    parser.add_argument("--mesh_shape", type=mesh_shape_arg, default={"tensor": -1},
                         help="devices mesh, axes data/fsdp/tensor (default \"{'tensor': -1}\": "
                              "every device on tensor)")
     parser.add_argument("--rules", choices=sorted(RULE_PRESETS), default=None,

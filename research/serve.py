@@ -3,6 +3,7 @@ causal LM), or classification, plus health and Prometheus metrics.
 
   python -m research.serve --workdir=DIR [--step=N] [--host=127.0.0.1] [--port=8000]
       [--max_batch=16] [--max_len=T] [--name=NAME] [--drain_timeout_s=S] [--access_log]
+      [--mesh_shape="{'tensor': -1}"] [--rules=PRESET]
 
 DIR is any workdir research.train writes, or a converted Hugging Face checkpoint
 (tools/convert_checkpoint.py --from_hf): its run.json's objective picks what is served.
@@ -13,6 +14,10 @@ DIR is any workdir research.train writes, or a converted Hugging Face checkpoint
                    tokenizer, its BOS first (as research.generate does).
   classification   POST /v1/classify: label and probabilities per input, label names from the
                    run; inputs are cut to the run's SEQ_LEN (or --max_len) tokens.
+
+--mesh_shape shards the parameters (and the KV cache) over a mesh of the devices with the
+run's logical-axis rules, as research.generate does; by default the model runs on the first
+device.
 
 Both: GET /health, GET /metrics (Prometheus), GET /v1/models. Everything is compiled before
 the server listens; it then logs one line `serving NAME (KIND) at http://HOST:PORT`
@@ -36,7 +41,9 @@ from typing import Sequence
 
 from research import cli, logs, storage
 from research import workdir as workdir_lib
+from research.decoding.layout import Layout, mesh_shape_arg, run_rules
 from research.errors import ConfigError
+from research.training.partitioning import RULE_PRESETS
 
 log = logging.getLogger("research.serve")
 
@@ -68,6 +75,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--drain_timeout_s", type=int, default=None,
                         help="on SIGTERM, seconds to wait for the requests in flight before "
                              "cancelling them (default: no limit)")
+    parser.add_argument("--mesh_shape", type=mesh_shape_arg, default=None,
+                        help="shard the model over a mesh of the devices, axes data/fsdp/"
+                             "tensor, e.g. \"{'tensor': -1}\" (every device on tensor) or "
+                             "\"{'data': 2, 'tensor': 4}\" (default: the first device only)")
+    parser.add_argument("--rules", choices=sorted(RULE_PRESETS), default=None,
+                        help="with --mesh_shape: the logical-axis rules preset (default: the "
+                             "run's config.gin, else fsdp_tensor)")
     parser.add_argument("--access_log", action="store_true",
                         help="log one line per HTTP request")
     args = parser.parse_args(argv)
@@ -81,6 +95,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--step={args.step} must be >= 0")
     if args.drain_timeout_s is not None and args.drain_timeout_s < 0:
         parser.error(f"--drain_timeout_s={args.drain_timeout_s} must be >= 0")
+    if args.rules is not None and args.mesh_shape is None:
+        parser.error("--rules places the model on a mesh: give --mesh_shape too")
     return args
 
 
@@ -103,24 +119,26 @@ def build_served(args: argparse.Namespace):
     from research.serving.app import Served, make_metrics
 
     name = args.name or os.path.basename(os.path.normpath(args.workdir)) or "model"
+    layout = (Layout.create(args.mesh_shape, run_rules(args.workdir, args.rules))
+              if args.mesh_shape is not None else Layout.single_device())
     if run_objective(args.workdir) == "classification":
         from research.serving.classifier import load_classifier
         classifier = load_classifier(args.workdir, args.step, max_batch=args.max_batch,
-                                     max_len=args.max_len)
+                                     max_len=args.max_len, layout=layout)
         log.info("compiling %d classifier shapes", len(classifier.lengths)
                  * len(classifier.batches))
         classifier.warmup()
         return Served(name, classifier=classifier), make_metrics(args.max_batch)
     from research.generate import load_for_generation
     from research.serving.engine import Engine
-    model, params, tok = load_for_generation(args.workdir, args.step)
+    model, params, tok = load_for_generation(args.workdir, args.step, layout)
     if args.max_len is not None and args.max_len > model.cfg.max_len:
         raise ConfigError(f"--max_len={args.max_len} exceeds the model's max_len="
                           f"{model.cfg.max_len}; pass at most that.")
     metrics = make_metrics(args.max_batch)
     engine = Engine(model, params, decode=tok.decode, eos_id=tok.eos_id, pad_id=tok.pad_id,
                     vocab_limit=tok.vocab_size, max_batch=args.max_batch, max_len=args.max_len,
-                    observer=metrics)
+                    layout=layout, observer=metrics)
     log.info("compiling the engine (%d slots of %d positions)", engine.capacity, engine.max_len)
     engine.warmup()
     engine.start()

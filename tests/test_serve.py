@@ -38,6 +38,7 @@ from research.models.heads import SequenceClassifier
 from research.models.transformer import CausalLM, TransformerConfig
 from research.serving.app import ApiError, Served, _classify_examples, create_app
 from research.serving.classifier import load_classifier
+from research.serving.engine import SamplingParams
 
 from .conftest import ROOT, ChildProcesses
 
@@ -253,6 +254,34 @@ def test_greedy_completion_equals_research_generate(reference, lm_server):
         assert out.usage.prompt_tokens == len(ids)
         assert out.usage.completion_tokens == len(row)
         assert out.usage.total_tokens == len(ids) + len(row)
+
+
+def test_mesh_shape_shards_both_kinds_and_changes_no_output(reference, lm_workdir, cls_workdir,
+                                                            cls_server):
+    """--mesh_shape over 8 (simulated) devices, data x tensor: the LM's greedy tokens equal
+    research.generate's, the classifier's probabilities the single-device server's."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py simulates them on CPU)")
+    _, classifier = cls_server
+    tok, rows = reference
+    mesh = "--mesh_shape={'data': 2, 'tensor': 4}"
+    served, _ = serve.build_served(serve.parse_args([f"--workdir={lm_workdir}", mesh,
+                                                     "--max_batch=2", f"--max_len={MAX_LEN}"]))
+    try:
+        assert served.engine.layout.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 4}
+        sharded = [leaf.sharding.spec for leaf in jax.tree.leaves(served.engine.params)]
+        assert any("tensor" in str(spec) for spec in sharded)
+        for ids, row in rows.values():
+            got = served.engine.submit(ids, SamplingParams(max_tokens=12, temperature=0))
+            assert got.result(TIMEOUT)[0] == list(row)
+    finally:
+        served.engine.shutdown(timeout=TIMEOUT)
+    other, _ = serve.build_served(serve.parse_args([f"--workdir={cls_workdir}", mesh,
+                                                    "--max_batch=2"]))
+    texts = [("What a wonderful film.",), ("Dull.",), ("It rained all day in Bath.",)]
+    assert other.classifier.layout.mesh.size == 8
+    np.testing.assert_allclose(other.classifier.scores(texts), classifier.scores(texts),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_streaming_chunks_concatenate_to_the_completion(lm_server):
@@ -522,7 +551,8 @@ def test_cli_mistakes_end_with_one_error_line(lm_workdir, tmp_path, capsys):
             assert err[-1].startswith("error: ") and message in err[-1], err
     finally:
         busy.close()
-    for flag in ("--max_batch=0", "--port=70000", "--max_len=1", "--bogus=1"):
+    for flag in ("--max_batch=0", "--port=70000", "--max_len=1", "--bogus=1",
+                 "--mesh_shape=tensor", "--rules=fsdp_tensor"):
         with pytest.raises(SystemExit, match="2"):
             serve.main([f"--workdir={lm_workdir}", flag])
         err = capsys.readouterr().err.strip().splitlines()[-1]

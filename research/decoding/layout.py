@@ -10,6 +10,7 @@ tensor); a dimension a mesh axis does not divide stays unsharded.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import dataclasses
@@ -133,3 +134,16 @@ def run_rules(workdir: str, preset: str | None = None) -> tuple:
         return _hashable(partitioning.logical_axis_rules(**kwargs))
     except ConfigError as err:
         raise ConfigError(f"{err} (--rules)") from err
+
+
+def mesh_shape_arg(text: str) -> dict[str, int]:
+    """A --mesh_shape flag's value: a dict literal of axis sizes such as
+    "{'data': 2, 'tensor': 4}" (-1: the remaining devices)."""
+    try:
+        shape = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        shape = None
+    if not isinstance(shape, dict) or not all(isinstance(v, int) for v in shape.values()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a dict of axis sizes, e.g. \"{{'data': 2, 'tensor': 4}}\"")
+    return shape

@@ -157,8 +157,9 @@ class Classifier:
     """A classification checkpoint ready to score texts (thread-safe: one call at a time)."""
 
     def __init__(self, model: SequenceClassifier, params, tokenizer, facts: RunFacts, *,
-                 seq_len: int, max_batch: int):
+                 seq_len: int, max_batch: int, layout: Layout | None = None):
         self.model, self.params, self.tokenizer, self.facts = model, params, tokenizer, facts
+        self.layout = layout or Layout.single_device()
         self.style = "decoder" if model.cfg.causal else "encoder"
         self.seq_len, self.max_batch = seq_len, max_batch
         self.lengths, self.batches = length_buckets(seq_len), batch_buckets(max_batch)
@@ -195,7 +196,7 @@ class Classifier:
             ids[i, :len(row)], types[i, :len(row)], lengths[i] = row, row_types, len(row)
         mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
         last = np.maximum(lengths - 1, 0).astype(np.int32)
-        with self._lock:
+        with self._lock, self.layout.context():
             scores = np.asarray(self._apply(self.params, ids, mask, types, last))[:n]
         if self.regression:
             return scores.astype(np.float32)
@@ -208,15 +209,16 @@ class Classifier:
         for rows in self.batches:
             for length in self.lengths:
                 zeros = np.zeros((rows, length), np.int32)
-                with self._lock:
+                with self._lock, self.layout.context():
                     jax.block_until_ready(self._apply(self.params, zeros, zeros + 1, zeros,
                                                       np.zeros((rows,), np.int32)))
 
 
 def load_classifier(workdir: str, step: int | None = None, *, max_batch: int = 16,
-                    max_len: int | None = None) -> Classifier:
-    """A `Classifier` for a classification workdir. ConfigError if DIR is not one, or has no
-    checkpoint (at `step`)."""
+                    max_len: int | None = None, layout: Layout | None = None) -> Classifier:
+    """A `Classifier` for a classification workdir, its parameters placed by `layout`
+    (default: the first device). ConfigError if DIR is not one, or has no checkpoint (at
+    `step`)."""
     info = workdir_lib.read_run_info(workdir)
     if info is None or info.get("objective") != "classification":
         raise ConfigError(f"--workdir={workdir} is not a classification run (its run.json's "
@@ -231,7 +233,7 @@ def load_classifier(workdir: str, step: int | None = None, *, max_batch: int = 1
     tokenizer = load_tokenizer(info["vocab"])
     model = SequenceClassifier(cfg, 1 if facts.task == "regression" else facts.num_labels,
                                head_dropout=0.0)
-    layout = Layout.single_device()
+    layout = layout or Layout.single_device()
     ones = jnp.ones((1, 4), jnp.int32)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), ones, ones, ones * 0,
                                               jnp.zeros((1,), jnp.int32))["params"])
@@ -243,4 +245,5 @@ def load_classifier(workdir: str, step: int | None = None, *, max_batch: int = 1
         raise ConfigError(f"--workdir={workdir} has no checkpoints/ yet; train it until a "
                           "checkpoint is saved.")
     params = restore_workdir_params(workdir, step, abstract)
-    return Classifier(model, params, tokenizer, facts, seq_len=seq_len, max_batch=max_batch)
+    return Classifier(model, params, tokenizer, facts, seq_len=seq_len, max_batch=max_batch,
+                      layout=layout)
