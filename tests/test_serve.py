@@ -230,6 +230,28 @@ def test_classification_probabilities_and_label_names(cls_server):
     assert post(url, "/v1/classify", {"input": texts[:1]}).json()["data"] == [single]
 
 
+def test_concurrent_classify_requests_share_forward_passes(cls_server):
+    """Eight concurrent requests of one text each, queued while a pass runs: the next passes
+    take up to max_batch (2) of them, and every request gets the probabilities it gets
+    alone."""
+    url, classifier = cls_server
+    texts = [f"Chapter {i}: it rained in Bath, and {'very ' * i}much." for i in range(8)]
+    alone = [classifier.scores([(t,)]) for t in texts]
+    before = classifier.forward_passes
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        with classifier._lock:  # hold the forward pass: the requests queue behind it
+            futures = [pool.submit(post, url, "/v1/classify", {"input": t}) for t in texts]
+            deadline = time.monotonic() + TIMEOUT
+            while classifier._jobs.qsize() < 7 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        answers = [f.result(TIMEOUT) for f in futures]
+    for answer, want in zip(answers, alone):
+        assert answer.status_code == 200, answer.text
+        got = list(answer.json()["data"][0]["probabilities"].values())
+        np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-6)
+    assert classifier.forward_passes - before <= 5  # 1 + ceil(7 / 2), not 8
+
+
 def test_classify_inputs_of_pair_and_single_runs():
     assert _classify_examples("a", False) == [("a",)]
     assert _classify_examples(["a", "b"], False) == [("a",), ("b",)]

@@ -174,7 +174,7 @@ async def _classify(served: Served, body: ClassifyRequest):
                        "/v1/completions with {\"prompt\": ...} instead of /v1/classify.",
                        "input")
     examples = _classify_examples(body.input, classifier.facts.pair)
-    scores = await asyncio.to_thread(classifier.scores, examples)
+    scores = await asyncio.wrap_future(classifier.submit(examples))
     data = []
     for i, row in enumerate(scores):
         if classifier.regression:

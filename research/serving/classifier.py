@@ -14,13 +14,17 @@ Where things come from:
 
 Inputs are padded to a bucket of lengths (powers of two from 16 up to the sequence length)
 and of batch sizes (powers of four up to `max_batch`, and `max_batch`), so a request never
-compiles: `warmup` compiles every bucket before serving.
+compiles: `warmup` compiles every bucket before serving. Concurrent callers share forward
+passes: one thread runs them, each over the examples of every request waiting then (up to
+`max_batch` rows a pass), so N clients sending one text each cost about N / max_batch passes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import queue
 import threading
 from typing import Sequence
 
@@ -153,8 +157,19 @@ def _training_label_names(objective, spec: str) -> list[str] | None:
         return None
 
 
+@dataclasses.dataclass
+class _Job:
+    """One caller's examples, their encodings and the future of their scores."""
+
+    examples: list[tuple[str, ...]]
+    encoded: list[tuple[list[int], list[int]]] = dataclasses.field(default_factory=list)
+    future: concurrent.futures.Future = dataclasses.field(
+        default_factory=concurrent.futures.Future)
+
+
 class Classifier:
-    """A classification checkpoint ready to score texts (thread-safe: one call at a time)."""
+    """A classification checkpoint ready to score texts. Thread-safe: concurrent `scores`
+    calls are batched together by one worker thread."""
 
     def __init__(self, model: SequenceClassifier, params, tokenizer, facts: RunFacts, *,
                  seq_len: int, max_batch: int, layout: Layout | None = None):
@@ -163,7 +178,11 @@ class Classifier:
         self.style = "decoder" if model.cfg.causal else "encoder"
         self.seq_len, self.max_batch = seq_len, max_batch
         self.lengths, self.batches = length_buckets(seq_len), batch_buckets(max_batch)
-        self._lock = threading.Lock()
+        self.forward_passes = 0  # forward passes run so far
+        self._lock = threading.Lock()  # one forward pass at a time
+        self._starting = threading.Lock()
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
         self._apply = jax.jit(lambda p, ids, mask, types, last: model.apply(
             {"params": p}, ids, mask, types, last, deterministic=True))
 
@@ -177,15 +196,67 @@ class Classifier:
 
     def scores(self, examples: Sequence[Sequence[str]]) -> np.ndarray:
         """float32 [N, C]: class probabilities (softmax), or [N, 1] regression values, of
-        examples of 1 or 2 texts each."""
-        out = []
-        for start in range(0, len(examples), self.max_batch):
-            out.append(self._batch(examples[start:start + self.max_batch]))
-        return np.concatenate(out) if out else np.zeros((0, self.facts.num_labels), np.float32)
+        examples of 1 or 2 texts each, scored in forward passes shared with the other
+        callers waiting at the time."""
+        return self.submit(examples).result()
 
-    def _batch(self, examples: Sequence[Sequence[str]]) -> np.ndarray:
-        encoded = [encode_example(tuple(t), self.tokenizer, self.seq_len, style=self.style)
-                   for t in examples]
+    def submit(self, examples: Sequence[Sequence[str]]) -> concurrent.futures.Future:
+        """`scores(examples)` as a future (await it with asyncio.wrap_future: no thread
+        waits per request)."""
+        job = _Job([tuple(t) for t in examples])
+        if not job.examples:
+            job.future.set_result(np.zeros((0, 1 if self.regression else
+                                            self.facts.num_labels), np.float32))
+            return job.future
+        with self._starting:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="classifier",
+                                                daemon=True)
+                self._worker.start()
+        self._jobs.put(job)
+        return job.future
+
+    def _serve(self) -> None:
+        """The worker: takes the waiting jobs (up to max_batch examples, at least one job),
+        scores them together and wakes their callers; a job that fails to encode fails
+        alone."""
+        while True:
+            jobs = [self._jobs.get()]
+            size = len(jobs[0].examples)
+            while size < self.max_batch:
+                try:
+                    jobs.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+                size += len(jobs[-1].examples)
+            ready = []
+            for job in jobs:
+                try:
+                    job.encoded = [encode_example(t, self.tokenizer, self.seq_len,
+                                                  style=self.style) for t in job.examples]
+                    ready.append(job)
+                except Exception as err:  # noqa: BLE001 - the caller gets it
+                    job.future.set_exception(err)
+            if ready:
+                self._score_jobs(ready)
+
+    def _score_jobs(self, jobs: list[_Job]) -> None:
+        """Scores the encoded examples of `jobs` in passes of max_batch; resolves each future
+        with its rows (or every one with the error of a failed pass)."""
+        try:
+            rows = [e for job in jobs for e in job.encoded]
+            out = np.concatenate([self._batch(rows[i:i + self.max_batch])
+                                  for i in range(0, len(rows), self.max_batch)])
+        except Exception as err:  # noqa: BLE001 - every caller of this pass gets it
+            for job in jobs:
+                job.future.set_exception(err)
+            return
+        ends = np.cumsum([len(job.encoded) for job in jobs])
+        for job, end in zip(jobs, ends):
+            job.future.set_result(out[end - len(job.encoded):end])
+
+    def _batch(self, encoded: Sequence[tuple[list[int], list[int]]]) -> np.ndarray:
+        """Scores of at most max_batch encoded examples (ids, token types), one forward pass."""
         n = len(encoded)
         length = _bucket(max(len(ids) for ids, _ in encoded), self.lengths)
         rows = _bucket(n, self.batches)
@@ -198,6 +269,7 @@ class Classifier:
         last = np.maximum(lengths - 1, 0).astype(np.int32)
         with self._lock, self.layout.context():
             scores = np.asarray(self._apply(self.params, ids, mask, types, last))[:n]
+            self.forward_passes += 1
         if self.regression:
             return scores.astype(np.float32)
         scores = scores.astype(np.float32)
