@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from research.serving.engine import (Engine, RequestError, RequestHandle, SamplingParams,
-                                     ShuttingDownError)
+                                     ShuttingDownError, TokenEvent)
 from research.serving.metrics import CONTENT_TYPE, RequestMetricsMiddleware, ServingMetrics
 from research.serving.schemas import (ClassifyRequest, ClassifyResponse, CompletionRequest,
                                       CompletionResponse, error_body)
@@ -326,6 +326,30 @@ async def _stream(handles: Sequence[RequestHandle], head: dict, prompt_tokens: i
     """Server-sent events: one chunk per text delta of any choice, a last chunk per choice
     with its finish_reason, (with include_usage) a usage chunk, then `data: [DONE]`. If the
     client disconnects, Starlette cancels this generator and `finally` frees the slots."""
+    completion_tokens = 0
+    try:
+        async for index, event in _events(handles):
+            completion_tokens += len(event.token_ids)
+            if event.text or event.finish_reason is not None:
+                choice = {"index": index, "text": event.text,
+                          "finish_reason": event.finish_reason, "logprobs": None}
+                yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+        if include_usage:
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens + completion_tokens}
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        _cancel(handles)
+
+
+async def _events(handles: Sequence[RequestHandle]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(choice index, event) of every handle as they come (one handle: directly; several: a
+    task per handle feeding one queue). An engine failure is raised once all have ended."""
+    if len(handles) == 1:
+        async for event in handles[0]:
+            yield 0, event
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, handle: RequestHandle) -> None:
@@ -336,27 +360,17 @@ async def _stream(handles: Sequence[RequestHandle], head: dict, prompt_tokens: i
             await queue.put((index, None))
 
     tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
-    running, completion_tokens = len(handles), 0
+    running = len(handles)
     try:
         while running:
             index, event = await queue.get()
             if event is None:
                 running -= 1
-                continue
-            completion_tokens += len(event.token_ids)
-            if event.text or event.finish_reason is not None:
-                choice = {"index": index, "text": event.text,
-                          "finish_reason": event.finish_reason, "logprobs": None}
-                yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+            else:
+                yield index, event
         for task in tasks:
             task.result()  # re-raise an engine failure
-        if include_usage:
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": prompt_tokens + completion_tokens}
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
     finally:
-        _cancel(handles)
         for task in tasks:
             task.cancel()
 

@@ -108,6 +108,11 @@ class RequestHandle:
             raise RuntimeError("async iteration needs submit(..., loop=the running loop)")
         while True:
             event = await self._queue.get()
+            # Events that queued up meanwhile (a busy loop) go out as one.
+            while event.finish_reason is None and not self._queue.empty():
+                later = self._queue.get_nowait()
+                event = TokenEvent(event.token_ids + later.token_ids, event.text + later.text,
+                                   later.finish_reason)
             yield event
             if event.finish_reason is not None:
                 return
