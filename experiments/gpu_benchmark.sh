@@ -11,8 +11,9 @@
 # Each runs `python -m research.benchmark --steps 10 --warmup 3 --compare=hf_torch,hf_torch_compile`
 # (the peer at equal settings: same shapes, dropout, batch, bf16 autocast over float32 weights,
 # fused AdamW, SDPA attention); logs and JSON results go to --out (default runs/gpu_benchmark).
-# Expected to take about 6-7 minutes on one H100/H200 (not yet timed end to end: on an H200 our
-# gpt_medium step compiled in 72 s; a case gets at most 300 s).
+# Timed on an H200 (2026-11-26): `--only bert_base` 163 s end to end (wheels, ours, both peers);
+# gpt_medium's case takes about 145 s before its peers, so all three take about 9-10 minutes
+# (a case gets at most 300 s; --only NAME runs one).
 #
 # A bare GPU machine whose Python has JAX (CUDA), flax, optax, orbax-checkpoint, torch and
 # transformers but not gin-config, tensorflow-datasets and their small dependencies gets them
