@@ -236,7 +236,7 @@ def test_tokenizer_directory_on_gcs(gpt2_tok_dir, gcs):
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (local.bos_id, local.eos_id, local.pad_id)
     # what the converter records in run.json, and copies on export, through storage too
     assert hf_convert.hf_tokenizer_file(f"{gcs}/gpt2") == tok.path
-    hf_convert._copy_tokenizer_files(f"{gcs}/gpt2", f"{gcs}/export")
+    hf_convert._copy_tokenizer_files(f"{gcs}/gpt2", f"{gcs}/export", "gpt2")
     assert sorted(storage.listdir(f"{gcs}/export")) == ["tokenizer.json", "tokenizer_config.json"]
 
 
@@ -271,3 +271,44 @@ def test_gpt2_import_then_generate_and_export(gpt2_tok_dir, tmp_path):
     exported = json.loads((tmp_path / "back" / "config.json").read_text())
     assert (exported["bos_token_id"], exported["eos_token_id"]) == (0, 0)
     np.testing.assert_equal(hf_tokenizer.pad_fallback(-1, -1, -1), (0, False))
+
+
+def test_exported_sentencepiece_decoder_loads_with_autotokenizer(tmp_path):
+    """A GPT run on this project's SentencePiece model exported to HF: AutoTokenizer on the
+    exported directory gives research.generate's prompt ids (BOS first, then sentencepiece's
+    ids) and the same text back. (Without the written tokenizer_config.json it followed
+    model_type gpt2 to a byte-level BPE with other ids.) A BERT export gets no such config."""
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from research.checkpoints.manager import save_params
+    from research.models.transformer import CausalLM, TransformerConfig
+
+    vocab = str(pathlib.Path(__file__).resolve().parent.parent / "data" / "tokenizers"
+                / "austen_8k.model")
+    ours = load_tokenizer(vocab)
+    cfg = TransformerConfig(num_layers=1, d_model=16, num_heads=2, mlp_dim=32, max_len=32
+                            ).with_vocab(ours.vocab_size).resolved()
+    shapes = nn.unbox(jax.eval_shape(CausalLM(cfg).init, jax.random.key(0),
+                                     jnp.ones((1, 4), jnp.int32))["params"])
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(0, 0.02, s.shape).astype(s.dtype), shapes)
+    workdir = tmp_path / "run"
+    save_params(str(workdir / "checkpoints"), params, step=1)
+    (workdir / "run.json").write_text(json.dumps({
+        "objective": "causal_lm", "vocab": vocab, "model_config": dataclasses.asdict(cfg)}))
+    run_tool(f"--from={workdir}", f"--to_hf={tmp_path / 'hf'}")
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is True and config["bos_token"] == ours.id_to_piece(ours.bos_id)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in list(TEXTS[:20]) + ["  Two  spaces\nand a newline", "ends with a space "]:
+        ids = [ours.bos_id] + ours.encode(text)
+        assert hf(text)["input_ids"] == ids, text
+        assert hf.decode(ids, skip_special_tokens=True) == ours.decode(ids)
+    assert (hf.eos_token_id, hf.pad_token_id) == (ours.eos_id, ours.pad_id)
+    (tmp_path / "bert").mkdir()
+    hf_convert._copy_tokenizer_files(vocab, str(tmp_path / "bert"), "bert")
+    assert os.listdir(tmp_path / "bert") == ["tokenizer.model"]

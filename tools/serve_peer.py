@@ -24,9 +24,10 @@ pipeline call is guarded by one lock, which is what the common recipe amounts to
 object is not safe to call from several threads at once, and without batching concurrent calls
 would only share the CPU). Concurrent clients therefore queue; there is no batching.
 
-Tokenizer: `AutoTokenizer.from_pretrained(HF_DIR)`, except for a directory whose only tokenizer
-file is a SentencePiece `tokenizer.model` (what the exporter writes for this project's
-SentencePiece runs: no tokenizer_config.json, no tokenizer.json). For such a directory
+Tokenizer: `AutoTokenizer.from_pretrained(HF_DIR)` (the exporter writes a tokenizer_config.json
+for this project's SentencePiece runs), except for a directory whose only tokenizer file is a
+SentencePiece `tokenizer.model` (an export from before that: no tokenizer_config.json, no
+tokenizer.json). For such a directory
 AutoTokenizer follows config.json's model_type to GPT2Tokenizer, which turns the SentencePiece
 model into a byte-level BPE with other ids and spaces lost; the peer loads it as a
 `T5Tokenizer` instead (plain SentencePiece, no extra ids, special tokens named after the model's

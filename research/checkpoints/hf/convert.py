@@ -25,6 +25,7 @@ Every directory may be local or an object-store URL (`gs://bkt/hf/bert`, through
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 from research import storage
@@ -219,9 +220,11 @@ def _hf_tokenizer_names(vocab: str) -> list[tuple[str, str]]:
     return files + [(src, n) for src, n in side if storage.isfile(src)]
 
 
-def _copy_tokenizer_files(vocab: str | None, hf_dir: str) -> None:
+def _copy_tokenizer_files(vocab: str | None, hf_dir: str, model_type: str) -> None:
     """Copies the run's tokenizer (any kind `load_tokenizer` reads; a directory VOCAB: its
-    tokenizer file) and its tokenizer_config.json / special_tokens_map.json into HF_DIR."""
+    tokenizer file) and its tokenizer_config.json / special_tokens_map.json into HF_DIR; a
+    decoder's bare SentencePiece model gets a tokenizer_config.json
+    (`sentencepiece_tokenizer_config`)."""
     if not vocab or not storage.exists(vocab):
         return
     if storage.isdir(vocab):
@@ -229,8 +232,31 @@ def _copy_tokenizer_files(vocab: str | None, hf_dir: str) -> None:
             vocab = find_tokenizer_file(vocab)
         except VocabNotFoundError:
             return
-    for src, name in _hf_tokenizer_names(vocab):
+    names = _hf_tokenizer_names(vocab)
+    for src, name in names:
         storage.write_bytes(storage.join(hf_dir, name), storage.read_bytes(src))
+    written = {name for _, name in names}
+    if (model_type != "bert" and written & {"tokenizer.model", "spiece.model"}
+            and "tokenizer_config.json" not in written):
+        storage.write_text(storage.join(hf_dir, "tokenizer_config.json"),
+                           json.dumps(sentencepiece_tokenizer_config(vocab), indent=2) + "\n")
+
+
+def sentencepiece_tokenizer_config(vocab: str) -> dict:
+    """tokenizer_config.json for a decoder exported with this project's SentencePiece model
+    `vocab` and no config of its own. Without one, transformers' AutoTokenizer follows
+    config.json's model_type (gpt2: a byte-level BPE of other ids); with it, AutoTokenizer
+    builds its fast tokenizer from tokenizer.model, whose ids equal sentencepiece's, with the
+    run's special pieces, and starts a text with BOS as research.generate does."""
+    tok = load_tokenizer(vocab)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast",
+              "add_bos_token": bool(tok.add_bos_token and tok.bos_id >= 0),
+              "add_eos_token": False}
+    for name in ("bos", "eos", "unk", "pad", "cls", "sep", "mask"):
+        pid = getattr(tok, f"{name}_id", -1)
+        if pid >= 0 and (name != "pad" or tok.pad_is_special):
+            config[f"{name}_token"] = tok.id_to_piece(pid)
+    return config
 
 
 def convert_to_hf(checkpoint: str, hf_dir: str, *, overwrite: bool = False,
@@ -243,5 +269,5 @@ def convert_to_hf(checkpoint: str, hf_dir: str, *, overwrite: bool = False,
     config, state = to_hf(cfg, params, _vocab_info(info.get("vocab")))
     _clear_output(hf_dir, WEIGHTS_FILE)
     write_hf_dir(hf_dir, config, state, max_shard_size=max_shard_size)
-    _copy_tokenizer_files(info.get("vocab"), hf_dir)
+    _copy_tokenizer_files(info.get("vocab"), hf_dir, config.get("model_type", ""))
     return config
