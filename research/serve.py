@@ -169,6 +169,7 @@ def make_server(app, served, sock: socket.socket, *, drain_timeout_s: int | None
                 access_log: bool):
     """A uvicorn.Server whose SIGTERM/SIGINT handler marks `served` draining (GET /health
     answers 503) before uvicorn stops accepting and waits for the requests in flight."""
+    import anyio
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -181,6 +182,9 @@ def make_server(app, served, sock: socket.socket, *, drain_timeout_s: int | None
 
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
+            # anyio imports its asyncio backend on first use, i.e. in the first streamed
+            # response (~10-50 ms of that request's time to first token): do it now.
+            await anyio.sleep(0)
             if self.started:
                 host, port = sock.getsockname()[:2]
                 host = f"[{host}]" if ":" in host else host

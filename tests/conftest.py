@@ -6,13 +6,43 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit
+import shutil
+import tempfile
+
+# One JAX persistent compilation cache for the whole test session (a fresh directory, removed
+# when the session ends), shared by the CLI subprocesses the tests start: they inherit these
+# variables, so a `python -m research.train` that compiles the same program as an earlier one
+# (same HLO, XLA flags, device count and jax version: JAX's cache key) loads the executable
+# instead of spending ~15 s compiling it again. Every compilation is cached (minimum compile
+# time 0). The xdist workers inherit the directory of the process that made it. A cache
+# directory set by the user is used as is. The pytest processes themselves keep to their
+# in-memory caches (see `_no_persistent_cache_in_process`): tests that count backend
+# compilations in-process (test_serving_engine) must see every compile.
+_SESSION_CACHE_ENV = "RESEARCH_TEST_JAX_CACHE_DIR"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="research-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_SESSION_CACHE_ENV] = _cache_dir
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+
+
+def _no_persistent_cache_in_process() -> None:
+    """Turns this process's use of the session's cache off (jax read JAX_COMPILATION_CACHE_DIR
+    when imported, here or in the process that started this xdist worker)."""
+    if os.environ.get(_SESSION_CACHE_ENV) == os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        import jax
+        jax.config.update("jax_compilation_cache_dir", None)
+
+
+_no_persistent_cache_in_process()
+
 import contextlib
 import glob
 import pathlib
 import resource
 import signal
 import subprocess
-import tempfile
 import time
 from typing import Sequence
 
