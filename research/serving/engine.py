@@ -1,10 +1,11 @@
 """Continuous-batching inference engine: concurrent requests share one jitted decode step over a
 fixed set of KV-cache slots (`research.serving.slots`).
 
-A background thread runs the loop. Between steps the host admits the waiting requests (prefill
-calls of a fixed shape per prompt-length bucket, powers of two, so nothing recompiles per
-request; the prompts are moved into free slots), streams each request's new tokens and text, and ends
-requests at EOS, `max_tokens`, a stop string or a cancel, freeing their slots for the queue.
+A background thread runs the loop. Between steps the host admits the waiting requests
+(prefill calls of a fixed shape per prompt-length bucket, powers of two, so nothing recompiles
+per request; the prompts are moved into free slots), streams each request's new tokens and
+text, and ends requests at EOS, `max_tokens`, a stop string or a cancel, freeing their slots
+for the queue.
 
 Sampling follows each request's own parameters; its n-th token is drawn with noise hashed
 from (seed, n) (`slots.gumbel_noise`), so a request's tokens do not depend on what else runs:
@@ -57,8 +58,8 @@ class Engine:
     generated. `layout` shards the parameters and the cache (default: the first device).
     When every slot is taken, `steps_per_sync` decode steps run per host round trip (more:
     less host overhead, later ends); while a slot is free, one (a request that arrives waits
-    for one step at most, then joins). Each step attends only to the cache prefix its longest request
-    needs, rounded up to a power of two >= `min_attend` (one compiled step per length).
+    for one step at most, then joins). Each step attends only to the cache prefix its longest
+    request needs, rounded up to a power of two >= `min_attend` (one compiled step per length).
     Prompts of length bucket P are prefilled `prefill_rows(P)` at a time, about
     `prefill_tokens` / P (a fixed shape per bucket: more rows cost a lone request more time
     to first token and save time when many arrive together); each prefill call's first tokens
