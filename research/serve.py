@@ -32,7 +32,6 @@ exit code 2.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import signal
@@ -209,10 +208,6 @@ def main(argv: list[str] | None = None) -> int:
         served, metrics = build_served(args)
         server = make_server(create_app(served, metrics), served, sock,
                              drain_timeout_s=args.drain_timeout_s, access_log=args.access_log)
-        # The model, JAX and the web stack are millions of long-lived objects: keep the
-        # collector's full passes (tens of ms, in some request's latency) off them.
-        gc.collect()
-        gc.freeze()
         # uvicorn re-raises the signal that stopped it once it is done; by then the requests
         # in flight are finished, so it is ignored and main returns 0.
         signal.signal(signal.SIGTERM, lambda *_: None)
