@@ -130,8 +130,8 @@ def test_sharded_decoding_equals_one_device():
                                jax.random.key(0), max_new_tokens=10, pad_id=0, vocab_limit=128,
                                layout=layout)
     cached_key = state.cache["decoder"]["layers"]["block"]["attention"]["cached_key"]
-    expected = NamedSharding(layout.mesh, P(None, ("data", "fsdp"), None, "tensor", None))
-    assert cached_key.sharding.is_equivalent_to(expected, cached_key.ndim)  # [L, B, S, K, H]
+    expected = NamedSharding(layout.mesh, P(None, ("data", "fsdp"), "tensor", None, None))
+    assert cached_key.sharding.is_equivalent_to(expected, cached_key.ndim)  # [L, B, K, S, H]
 
 
 def _tags(ids):

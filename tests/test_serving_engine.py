@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from research.decoding.layout import Layout, scan_axes
+from research.decoding.layout import Layout, cache_length_axis, scan_axes
 from research.generate import generate
 from research.models.transformer import CausalLM, TransformerConfig
 from research.serving import slots
@@ -51,7 +51,7 @@ def mp():
 def make_engine(mp, **kw) -> Engine:
     model, params = mp
     options = dict(decode=letters, eos_id=-1, pad_id=0, vocab_limit=VOCAB_LIMIT, max_batch=4,
-                   max_len=32, min_attend=16)  # prompt and attended-length buckets 16, 32
+                   max_len=32, min_cache=16)  # prompt and cache-length buckets 16, 32
     options.update(kw)
     return Engine(model, params, **options)
 
@@ -123,10 +123,11 @@ def test_per_row_cache_index_equals_each_row_alone(options):
             axis = scan_axes(path, got)
             if getattr(path[-1], "key", None) == "cache_index":  # [(L,) B] and scalar [(L,)]
                 assert (np.take(got, row, axis=-1) == end).all() and (want == end).all()
-            else:  # [(L,) S, ...]: the first `end` positions were written
+            else:  # key/value [(L,) K, S, H], segments [(L,) S]: the first `end` written
+                position = cache_length_axis(path, got) - 1  # once the row axis is taken
                 got, want = np.take(got, row, axis=axis), np.take(want, 0, axis=axis)
-                np.testing.assert_allclose(np.take(got, range(end), axis=axis),
-                                           np.take(want, range(end), axis=axis),
+                np.testing.assert_allclose(np.take(got, range(end), axis=position),
+                                           np.take(want, range(end), axis=position),
                                            rtol=1e-5, atol=1e-5)
 
         jax.tree_util.tree_map_with_path(check, cache, alone_caches[row])

@@ -4,8 +4,8 @@ activations and the KV cache on it (the same rules training uses,
 
 Parameters take the run's rules (e.g. fsdp_tensor: heads, mlp and vocab over `tensor`, embed
 over `fsdp`), so a model larger than one device's memory decodes. The KV cache, key/value
-[B, S, K, H], is sharded over batch (`act_batch`: data x fsdp) and kv heads (`act_kv_heads`:
-tensor); a dimension a mesh axis does not divide stays unsharded.
+[B, K, S, H] (heads-major), is sharded over batch (`act_batch`: data x fsdp) and kv heads
+(`act_kv_heads`: tensor); a dimension a mesh axis does not divide stays unsharded.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from research.training import partitioning
 # Logical names of the KV cache leaves (research.models.attention.Attention._update_cache),
 # after any leading scan 'layers' axis. Other leaves: batch first, the rest replicated.
 CACHE_AXES = {
-    "cached_key": ("act_batch", "act_length", "act_kv_heads", None),
-    "cached_value": ("act_batch", "act_length", "act_kv_heads", None),
+    "cached_key": ("act_batch", "act_kv_heads", "act_length", None),
+    "cached_value": ("act_batch", "act_kv_heads", "act_length", None),
     "cached_segment_ids": ("act_batch", "act_length"),
     "cache_index": (),
 }
@@ -110,6 +110,14 @@ class Layout:
 def scan_axes(path, x) -> int:
     """1 if the leaf sits under a scanned `layers` module (leading [L] axis), else 0."""
     return int(any(getattr(p, "key", None) == "layers" for p in path) and x.ndim > 0)
+
+
+def cache_length_axis(path, x) -> int:
+    """The position axis of a KV cache leaf with positions (key/value [B, K, S, H], segment
+    ids [B, S], after any scan 'layers' axis)."""
+    name = getattr(path[-1], "key", None)
+    return scan_axes(path, x) + CACHE_AXES.get(name, ("act_batch", "act_length")).index(
+        "act_length")
 
 
 def run_rules(workdir: str, preset: str | None = None) -> tuple:

@@ -57,9 +57,12 @@ class Engine:
     `decode` maps token ids to text (the tokenizer's); ids >= `vocab_limit` are never
     generated. `layout` shards the parameters and the cache (default: the first device).
     When every slot is taken, `steps_per_sync` decode steps run per host round trip (more:
-    less host overhead, later ends); while a slot is free, one (a request that arrives waits
-    for one step at most, then joins). Each step attends only to the cache prefix its longest
-    request needs, rounded up to a power of two >= `min_attend` (one compiled step per length).
+    less host overhead, later ends); while a slot is free, or a request is fewer than
+    `steps_per_sync` tokens from its max_tokens, one (a request that arrives waits for one
+    step at most, then joins; a slot frees at the step its request ends). The slot cache is
+    kept as long as its longest request needs, rounded up to a power of two >= `min_cache`
+    (resized between calls; one compiled step per length), so a step reads no unused
+    positions.
     Prompts of length bucket P are prefilled `prefill_rows(P)` at a time, about
     `prefill_tokens` / P (a fixed shape per bucket: more rows cost a lone request more time
     to first token and save time when many arrive together); each prefill call's first tokens
@@ -70,7 +73,7 @@ class Engine:
                  eos_id: int, pad_id: int, vocab_limit: int, max_batch: int = 16,
                  max_len: int | None = None, layout: Layout | None = None,
                  observer: EngineObserver | None = None, steps_per_sync: int = 4,
-                 min_attend: int = 64, prefill_tokens: int = 64):
+                 min_cache: int = 64, prefill_tokens: int = 64):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be at least 1")
         limit = model.cfg.max_len
@@ -89,7 +92,7 @@ class Engine:
         self.prefill_tokens = int(prefill_tokens)
         self.prompt_buckets = slots_lib.buckets(min(slots_lib.MIN_PROMPT_BUCKET, self.max_len),
                                                 self.max_len)
-        self.attend_buckets = slots_lib.buckets(min(min_attend, self.max_len), self.max_len)
+        self.cache_buckets = slots_lib.buckets(min(min_cache, self.max_len), self.max_len)
         self._lock = threading.Condition()
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._admitting: list[RequestHandle] = []  # taken from the queue, not yet in a slot
@@ -98,6 +101,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._cache = self._state = None
+        self._cache_len = 0
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -157,7 +161,18 @@ class Engine:
         if self._cache is None:
             with self.layout.context():
                 self._cache, self._state = slots_lib.init_slots(
-                    self.model, length=self.max_len, rows=self.capacity, layout=self.layout)
+                    self.model, length=self.cache_buckets[0], rows=self.capacity,
+                    layout=self.layout)
+            self._cache_len = self.cache_buckets[0]
+
+    def _fit_cache(self, needed: int, grow_only: bool = False) -> None:
+        """Resizes the slot cache to the bucket of `needed` positions (with `grow_only`, only
+        if it is shorter)."""
+        length = slots_lib.bucket(needed, self.cache_buckets[0], self.max_len)
+        if length == self._cache_len or (grow_only and length < self._cache_len):
+            return
+        self._cache = slots_lib.resize(self._cache, length=length, layout=self.layout)
+        self._cache_len = length
 
     def warmup(self) -> None:
         """Compiles every prefill bucket and the decode steps (call before `start`): then no
@@ -166,16 +181,23 @@ class Engine:
             raise RuntimeError("Engine.warmup() must run before start()")
         self._ensure_slots()
         with self.layout.context():
-            for width in self.prompt_buckets:
-                n = self.prefill_rows(width)
-                self._admit_call(np.full((n, width), self.pad_id, np.int32),
-                                 np.ones((n,), np.int32), np.full((n,), self.capacity, np.int32),
-                                 *self._request_arrays([None] * n))
-            for attend in self.attend_buckets:
+            for length in self.cache_buckets:
+                self._fit_cache(length)
+                for width in self.prompt_buckets:
+                    if width <= length:
+                        n = self.prefill_rows(width)
+                        self._admit_call(np.full((n, width), self.pad_id, np.int32),
+                                         np.ones((n,), np.int32),
+                                         np.full((n,), self.capacity, np.int32),
+                                         *self._request_arrays([None] * n))
                 for filtered in (False, True):
                     for steps in sorted({1, self.steps_per_sync}):
-                        self._decode_call(np.zeros((self.capacity,), bool), filtered, attend,
-                                          steps)
+                        self._decode_call(np.zeros((self.capacity,), bool), filtered, steps)
+                for other in self.cache_buckets:  # every resize from this length
+                    if other != length:
+                        self._fit_cache(other)
+                        self._fit_cache(length)
+            self._fit_cache(self.cache_buckets[0])
             jax.block_until_ready(self._state)
 
     def start(self) -> None:
@@ -236,6 +258,7 @@ class Engine:
             handle.error = err
             self._finish(handle, "error")
         self._cache = self._state = None
+        self._cache_len = 0
         try:
             self._ensure_slots()
         except Exception:  # noqa: BLE001
@@ -271,16 +294,19 @@ class Engine:
 
     def _admit_call(self, tokens, lengths, slots, seed, temperature, top_k,
                     top_p) -> np.ndarray:
-        self._cache, self._state, first = slots_lib.admit(
-            self.model, self.params, self._cache, self._state, tokens, lengths, slots, seed,
-            temperature, top_k, top_p, layout=self.layout, vocab_limit=self.vocab_limit)
+        """Prefills prompts of width P and moves them into their slots (the cache grown to at
+        least P positions first)."""
+        self._fit_cache(tokens.shape[1], grow_only=True)
+        prompts, self._state, first = slots_lib.prefill_prompts(
+            self.model, self.params, self._state, tokens, lengths, slots, seed, temperature,
+            top_k, top_p, layout=self.layout, vocab_limit=self.vocab_limit)
+        self._cache = slots_lib.insert(self._cache, prompts, slots, lengths, layout=self.layout)
         return first
 
-    def _decode_call(self, active: np.ndarray, filtered: bool, attend: int,
-                     steps: int) -> np.ndarray:
+    def _decode_call(self, active: np.ndarray, filtered: bool, steps: int) -> np.ndarray:
         self._cache, self._state, tokens = slots_lib.decode(
             self.model, self.params, self._cache, self._state, active, layout=self.layout,
-            vocab_limit=self.vocab_limit, steps=steps, filtered=filtered, attend=attend)
+            vocab_limit=self.vocab_limit, steps=steps, filtered=filtered)
         return tokens
 
     def _admit_waiting(self) -> None:
@@ -354,12 +380,15 @@ class Engine:
         filtered = any(h.params.top_k > 0 or h.params.top_p < 1.0
                        for h in owners if h is not None)
         # A free slot may be taken at any moment: sync every step so that a new request waits
-        # for at most one step, not `steps_per_sync`.
-        steps = self.steps_per_sync if active.all() else 1
+        # for at most one step, not `steps_per_sync`. Nor run past the step at which a request
+        # reaches max_tokens: its slot frees there, and its client's next request (or one that
+        # waits) gets in one step later, not up to `steps_per_sync`.
+        remaining = min(h.params.max_tokens - len(h.token_ids) for h in owners if h is not None)
+        steps = self.steps_per_sync if active.all() and remaining >= self.steps_per_sync else 1
         needed = max(h.prompt_tokens + len(h.token_ids) - 1 for h in owners if h is not None)
-        attend = slots_lib.bucket(needed + steps, self.attend_buckets[0], self.max_len)
+        self._fit_cache(needed + steps)
         start = time.monotonic()
-        tokens = np.asarray(self._decode_call(active, filtered, attend, steps))  # [steps, B]
+        tokens = np.asarray(self._decode_call(active, filtered, steps))  # [steps, B]
         seconds = time.monotonic() - start
         new = 0
         for i, handle in enumerate(owners):

@@ -1,8 +1,10 @@
 """The device side of the serving engine: a fixed batch of KV-cache slots, one write index per
 row, the prompt prefill that fills free slots and the decode step that advances every slot.
 
-The cache is the model's `cache` collection for `max_batch` rows of `max_len` positions, with
-`cache_index` int32[B] (one write index per row, `Attention._update_cache`). A request's row
+The cache is the model's `cache` collection for `max_batch` rows of S positions (key/value
+heads-major [B, K, S, H]), with `cache_index` int32[B] (one write index per row,
+`Attention._update_cache`). The engine keeps S a power of two just long enough for its longest
+request (`resize`, up to max_len), so a decode step reads no unused positions. A request's row
 holds its prompt at [0, P) and its generated tokens after; its write index and position are the
 number of tokens it holds, so a row never sees padding. Rows no request holds compute garbage
 the host ignores (their index and position are kept at 0).
@@ -11,7 +13,7 @@ Sampling is per row: temperature (0 = greedy), top-k (0 = off) and top-p (1 = of
 Gumbel noise hashed from the request's seed and the index n of the token it draws (n from 0),
 so a request's tokens do not depend on the other rows.
 
-Shapes: B = max_batch slots, S = max_len, n prompts admitted per call (padding rows go to
+Shapes: B = max_batch slots, S = the cache's length, n prompts admitted per call (padding rows go to
 slot index B, dropped), P their padded length (a bucket: powers of two from 16 up to S), V
 vocab.
 """
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.decoding.cache import mask_vocab, prompt_positions
-from research.decoding.layout import Layout, scan_axes
+from research.decoding.layout import Layout, cache_length_axis, scan_axes
 from research.models.transformer import CausalLM
 
 Array = jax.Array
@@ -160,10 +162,9 @@ def empty_cache(model: CausalLM, rows: int, length: int, per_row_index: bool) ->
     def make(path, s):
         name = getattr(path[-1], "key", None)
         shape = list(s.shape)
-        axis = scan_axes(path, s)
         if name == "cache_index":
             return jnp.zeros(tuple(shape) + ((rows,) if per_row_index else ()), jnp.int32)
-        shape[axis + 1] = length  # cached_key/value [B, S, K, H], cached_segment_ids [B, S]
+        shape[cache_length_axis(path, s)] = length  # key/value [B, K, S, H], segments [B, S]
         return jnp.zeros(shape, s.dtype)
 
     return jax.tree_util.tree_map_with_path(make, shapes)
@@ -190,6 +191,25 @@ def init_slots(model: CausalLM, *, length: int, rows: int,
     return _constrain(empty_cache(model, rows, length, per_row_index=True), state, layout)
 
 
+def _rows_at(big: Array, rows: Array, cols: Array, values: Array, axis: int,
+             position: int) -> Array:
+    """`big` with the entries at (row rows[r], position cols[r, j]) set from `values`, which is
+    laid out as `big` with R rows on `axis` and J positions on `position` (out-of-range rows or
+    positions: dropped)."""
+    index = [slice(None)] * big.ndim
+    index[axis], index[position] = rows[:, None], cols
+    if position != axis + 1:  # apart, the two indexed axes lead the selection: [R, J, ...]
+        values = jnp.moveaxis(values, (axis, position), (0, 1))
+    return big.at[tuple(index)].set(values, mode="drop")
+
+
+def _per_row(index: Array, x: Array, axis: int, position: int) -> Array:
+    """index int[R, J] shaped to take per-row positions from x along `position`."""
+    shape = [1] * x.ndim
+    shape[axis], shape[position] = index.shape
+    return index.reshape(shape)
+
+
 def _insert(cache: Cache, filled: Cache, slots: Array, lengths: Array) -> Cache:
     """`cache` with rows `slots` int32[R] (an index >= B: dropped) replaced by the R prefilled
     rows of `filled` (P positions, prompts left-padded): row r's lengths[r] real tokens move to
@@ -198,32 +218,35 @@ def _insert(cache: Cache, filled: Cache, slots: Array, lengths: Array) -> Cache:
     def put(path, big, small):
         name = getattr(path[-1], "key", None)
         axis = scan_axes(path, big)
-        lead = (slice(None),) * axis
         if name == "cache_index":
+            lead = (slice(None),) * axis
             return big.at[lead + (slots,)].set(lengths, mode="drop")
-        width = small.shape[axis + 1]
+        position = cache_length_axis(path, big)
+        width = small.shape[position]
         t = jnp.arange(width)[None]
         src = jnp.minimum(t + width - lengths[:, None], width - 1)  # [R, P]
-        idx = src.reshape((1,) * axis + src.shape + (1,) * (small.ndim - axis - 2))
-        moved = jnp.take_along_axis(small, idx, axis=axis + 1)
+        moved = jnp.take_along_axis(small, _per_row(src, small, axis, position), axis=position)
         if name == "cached_segment_ids":
             moved = jnp.broadcast_to((t < lengths[:, None]).astype(moved.dtype), moved.shape)
-        return big.at[lead + (slots[:, None], t)].set(moved, mode="drop")
+        return _rows_at(big, slots, jnp.broadcast_to(t, src.shape), moved, axis, position)
 
     return jax.tree_util.tree_map_with_path(put, cache, filled)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layout", "vocab_limit"),
-                   donate_argnames=("cache", "state"))
-def admit(model: CausalLM, params: Any, cache: Cache, state: SlotState, tokens: Array,
-          lengths: Array, slots: Array, seed: Array, temperature: Array, top_k: Array,
-          top_p: Array, *, layout: Layout, vocab_limit: int) -> tuple[Cache, SlotState, Array]:
+                   donate_argnames=("state",))
+def prefill_prompts(model: CausalLM, params: Any, state: SlotState, tokens: Array,
+                    lengths: Array, slots: Array, seed: Array, temperature: Array, top_k: Array,
+                    top_p: Array, *, layout: Layout, vocab_limit: int
+                    ) -> tuple[Cache, SlotState, Array]:
     """Prefills the left-padded prompts tokens int32[n, P] (lengths int32[n]), samples each
-    one's first token (count 0) and moves it into its slot (slots int32[n]; an index >= B: a
-    padding row, not stored). Per-request arrays [n].
+    one's first token (count 0) and sets the state of its slot (slots int32[n]; an index >= B:
+    a padding row, not stored). Per-request arrays [n]. The prompts' cache (n rows of P
+    positions) goes into the slots with `insert`.
 
     XLA computes the rows independently: a request's numbers (hence its tokens) are those it
-    gets alone, whatever is admitted with it. Returns (cache, state, first tokens int32[n])."""
+    gets alone, whatever is admitted with it. Returns (prompt cache, state, first tokens
+    int32[n])."""
     n, width = tokens.shape
     segments = (jnp.arange(width)[None] >= width - lengths[:, None]).astype(jnp.int32)
     hidden, mutated = model.apply(
@@ -236,7 +259,6 @@ def admit(model: CausalLM, params: Any, cache: Cache, state: SlotState, tokens: 
     logits = mask_vocab(logits[:, -1], vocab_limit)
     first = sample_rows(logits, seed, jnp.zeros((n,), jnp.int32), temperature, top_k, top_p,
                         filtered=True)
-    cache = _insert(cache, mutated["cache"], slots, lengths)
 
     def put(old, new):
         return old.at[slots].set(new.astype(old.dtype), mode="drop")
@@ -245,57 +267,50 @@ def admit(model: CausalLM, params: Any, cache: Cache, state: SlotState, tokens: 
                       put(state.count, jnp.ones_like(lengths)), put(state.seed, seed),
                       put(state.temperature, temperature), put(state.top_k, top_k),
                       put(state.top_p, top_p))
-    cache, state = _constrain(cache, state, layout)
-    return cache, state, first
+    _, state = _constrain({}, state, layout)
+    return layout.constrain_cache(mutated["cache"]), state, first
 
 
-def _window(cache: Cache, attend: int) -> Cache:
-    """The cache's first `attend` positions (key/value/segments; the write index as is)."""
+@functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("cache",))
+def insert(cache: Cache, prompts: Cache, slots: Array, lengths: Array, *,
+           layout: Layout) -> Cache:
+    """`cache` with `prefill_prompts`' prompt cache moved into rows slots int32[n] (an index
+    >= B: dropped), row r's lengths[r] tokens at positions [0, lengths[r]). The cache must be
+    at least P positions long (`resize`)."""
+    return layout.constrain_cache(_insert(cache, prompts, slots, lengths))
 
-    def cut(path, x):
+
+@functools.partial(jax.jit, static_argnames=("length", "layout"))
+def resize(cache: Cache, *, length: int, layout: Layout) -> Cache:
+    """The slot cache with `length` positions: cut, or padded with empty positions (zeros,
+    segment 0: masked); write indices unchanged. The caller keeps every row's tokens inside."""
+
+    def fit(path, x):
         if getattr(path[-1], "key", None) == "cache_index":
             return x
-        return jax.lax.slice_in_dim(x, 0, attend, axis=scan_axes(path, x) + 1)
+        axis = cache_length_axis(path, x)
+        if length <= x.shape[axis]:
+            return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, length - x.shape[axis])
+        return jnp.pad(x, pad)
 
-    return jax.tree_util.tree_map_with_path(cut, cache)
-
-
-def _put_window(cache: Cache, window: Cache, start: Array, steps: int) -> Cache:
-    """`cache` with the `steps` positions each row wrote into `window` (from its index
-    start int32[B]) copied back, and the window's write index. Rows whose positions fall
-    outside the window (no request) write nothing."""
-
-    def put(path, big, small):
-        if getattr(path[-1], "key", None) == "cache_index":
-            return small
-        axis = scan_axes(path, big)
-        cols = start[:, None] + jnp.arange(steps)[None]  # [B, steps]
-        idx = cols.reshape((1,) * axis + cols.shape + (1,) * (small.ndim - axis - 2))
-        new = jnp.take_along_axis(small, idx, axis=axis + 1, mode="clip")
-        cols = jnp.where(cols < small.shape[axis + 1], cols, big.shape[axis + 1])  # else: drop
-        rows = jnp.arange(big.shape[axis])[:, None]
-        lead = (slice(None),) * axis
-        return big.at[lead + (rows, cols)].set(new, mode="drop")
-
-    return jax.tree_util.tree_map_with_path(put, cache, window)
+    return layout.constrain_cache(jax.tree_util.tree_map_with_path(fit, cache))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layout", "vocab_limit", "steps",
-                                             "filtered", "attend"),
+                                             "filtered"),
                    donate_argnames=("cache", "state"))
 def decode(model: CausalLM, params: Any, cache: Cache, state: SlotState, active: Array, *,
-           layout: Layout, vocab_limit: int, steps: int = 1, filtered: bool = True,
-           attend: int | None = None) -> tuple[Cache, SlotState, Array]:
+           layout: Layout, vocab_limit: int, steps: int = 1,
+           filtered: bool = True) -> tuple[Cache, SlotState, Array]:
     """`steps` decode steps of every slot: feeds each row's last token, samples the next.
     `active` bool[B]: rows holding a request (the others are reset to index/position 0).
-    `attend` (static): the steps use only the cache's first `attend` positions (every active
-    row's tokens must fit there): attention over the whole cache costs the most at small
-    batch sizes, and masked keys add exact zeros, so a row's numbers do not change.
-    Returns (cache, state, tokens int32[steps, B])."""
+    The steps attend to the whole cache, so the engine keeps it only as long as its longest
+    request needs (`resize`): attention over unused positions costs the most at small batch
+    sizes, and masked keys add exact zeros, so a row's numbers do not depend on the length.
+    Every active row's tokens must fit. Returns (cache, state, tokens int32[steps, B])."""
     b = active.shape[0]
-    full, state_in = cache, state
-    if attend is not None:
-        cache = _window(cache, attend)
 
     def body(carry, _):
         cache, st = carry
@@ -315,12 +330,8 @@ def decode(model: CausalLM, params: Any, cache: Cache, state: SlotState, active:
         cache = jax.tree_util.tree_map_with_path(keep_active, mutated["cache"])
         st = st._replace(token=token, position=jnp.where(active, st.position + 1, 0),
                          count=st.count + 1)
-        if attend is None:
-            cache = layout.constrain_cache(cache)
-        return (cache, st), token
+        return (layout.constrain_cache(cache), st), token
 
     (cache, state), tokens = jax.lax.scan(body, (cache, state), None, length=steps)
-    if attend is not None:
-        cache = _put_window(full, cache, state_in.position, steps)
     cache, state = _constrain(cache, state, layout)
     return cache, state, tokens
