@@ -102,7 +102,7 @@ if [ "$TESTS" = 1 ]; then
   # tests/conftest.py defaults JAX to the CPU; these tests need the GPU
   JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}" timeout 300 "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_attention_backends.py tests/test_precision_attention.py \
-    -k "matches_einsum or matches_xla" 2>&1 | tail -n 15
+    -k "matches_einsum or matches_xla or lengths_match" 2>&1 | tail -n 15
 fi
 
 GPT_VOCAB=(--gin.TransformerConfig.vocab_size=50304)

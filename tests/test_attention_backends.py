@@ -208,8 +208,9 @@ def training_hlo_for_cuda(cfg: TransformerConfig) -> str:
 def test_auto_attention_lowers_to_cudnn_with_the_segment_mask(cuda_lowering, causal):
     """A bf16 stack lowered for CUDA, forward and gradients: every attention is cuDNN's fused
     kernel (forward and backward) with the segment mask as a [B, 1, T, T] bias, the CAUSAL mask
-    type when causal (cuDNN skips the tiles above the diagonal) and the scale 1/sqrt(H); no
-    einsum attention and no conditional (XLA:GPU reads predicates back on the host)."""
+    type when causal (cuDNN skips the tiles above the diagonal) and the scale 1/sqrt(H); the
+    backward kernel computes no gradient for that bias; no einsum attention and no conditional
+    (XLA:GPU reads predicates back on the host)."""
     hlo = training_hlo_for_cuda(TransformerConfig(
         **{**BERTISH, "causal": causal, "attention_dropout_rate": 0.0, "dropout_rate": 0.1}))
     calls = cudnn_calls(hlo)
@@ -220,8 +221,27 @@ def test_auto_attention_lowers_to_cudnn_with_the_segment_mask(cuda_lowering, cau
         assert config["fmha_scale"] == pytest.approx(1 / 16 ** 0.5)
         assert config["mask_type"] == ("CAUSAL" if causal else "NO_MASK")
     assert "tensor<2x1x64x64xbf16>" in hlo  # the segment mask as a bias
+    backward = [line[line.index("->"):] for line in hlo.splitlines()
+                if re.search(r"custom_call @__cudnn\$fmha\w*Backward", line)]
+    assert len(backward) == 2 and not any("2x1x64x64" in out for out in backward)  # no dbias
     assert "exponential" not in hlo  # no einsum softmax left
     assert "stablehlo.case" not in hlo and "stablehlo.if" not in hlo
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_padding_segments_lower_to_cudnn_lengths_not_a_mask(cuda_lowering, monkeypatch, dropout):
+    """With padding_segments (BERT's input_mask), cuDNN's kernels take each row's length with
+    the PADDING mask type, forward and backward, with or without attention dropout: no
+    [B, 1, T, T] mask is built."""
+    monkeypatch.setattr(attention_cudnn, "DROPOUT_IN_MODELS", True)
+    monkeypatch.setenv("XLA_FLAGS", CUDNN_OUT_OF_GRAPHS)
+    hlo = training_hlo_for_cuda(TransformerConfig(
+        **{**BERTISH, "attention_dropout_rate": dropout, "padding_segments": True}))
+    calls = cudnn_calls(hlo)
+    assert len(calls) == 4 and sum("Backward" in name for name, _ in calls) == 2
+    assert all(("Dropout" in name) == bool(dropout) and "Bias" not in name for name, _ in calls)
+    assert all(config["mask_type"] == "PADDING" for _, config in calls)
+    assert "x1x64x64x" not in hlo and "exponential" not in hlo
 
 
 def test_attention_dropout_on_gpu_runs_the_einsum_kernel(cuda_lowering):
@@ -363,3 +383,38 @@ def test_cudnn_attention_dropout_runs_and_averages_to_no_dropout(causal):
     grads = jax.grad(lambda q, k, v: jnp.sum(dropped(q, k, v).astype(jnp.float32)),
                      (0, 1, 2))(q, k, v)
     assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads)
+
+
+@gpu_only
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_cudnn_lengths_match_the_segment_mask_on_real_tokens(causal, dropout):
+    """padding_segments' path (cuDNN masking by row length) against the segment-mask path on
+    right-padded rows: equal outputs and q/k/v gradients at the real tokens (with dropout: the
+    same rows masked, so finite, fresh and unbiased), and padding queries output exact zeros
+    with zero gradients, so nothing non-finite reaches the weights through them."""
+    q, k, v = random_qkv(jax.random.key(0))
+    lengths = jnp.array([128, 77], jnp.int32)
+    seg = (jnp.arange(128)[None] < lengths[:, None]).astype(jnp.int32)
+    real = np.asarray(seg, bool)[:, :, None, None]
+    ct = jax.random.normal(jax.random.key(5), q.shape, jnp.float32) * real
+
+    def run(lengths_arg):
+        def f(q, k, v):
+            out = attention_cudnn.cudnn_attention(q, k, v, seg, causal=causal,
+                                                  dropout_rate=dropout, seed=3,
+                                                  lengths=lengths_arg)
+            return jnp.sum(out.astype(jnp.float32) * ct), out
+        return jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))(q, k, v)
+
+    (_, out), grads = run(lengths)
+    assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in (out, *grads))
+    assert not np.asarray(out, np.float32)[~real[..., 0, 0]].any()  # padding queries: zeros
+    assert not np.asarray(grads[0], np.float32)[~real[..., 0, 0]].any()
+    if dropout:
+        return
+    (_, want), want_grads = run(None)
+    out, want = np.asarray(out, np.float32) * real, np.asarray(want, np.float32) * real
+    assert rel_err(out, want) < 1e-2
+    for g, w in zip(grads, want_grads):
+        assert rel_err(g, w) < 2e-2

@@ -199,9 +199,11 @@ class Attention(nn.Module):
                            dropout=training_dropout)
         if impl == "cudnn":
             check_attention_backend(impl)
+            lengths = (jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
+                       if cfg.padding_segments else None)
             out = cudnn_attention(q, key, value, segment_ids, causal=cfg.causal,
                                   dropout_rate=cfg.attention_dropout_rate if training_dropout
-                                  else 0.0, seed=dropout_seed(self.scope.path))
+                                  else 0.0, seed=dropout_seed(self.scope.path), lengths=lengths)
         elif impl == "splash":
             out = splash_attention(q, key, value, segment_ids, k_segments, causal=cfg.causal,
                                    interpret=jax.default_backend() != "tpu")

@@ -4,7 +4,10 @@ dropout and for evaluation.
 `jax.nn.dot_product_attention(implementation='cudnn', is_causal=...)` with the segment mask: the
 causal part is cuDNN's CAUSAL mask type (cuDNN skips the tiles above the diagonal), the
 segments (packed documents and padding: segment ids int[B, T], padding 0) go in as the exact
-[B, 1, T, T] segment mask, which cuDNN adds as a bias, so any segment layout is right.
+[B, 1, T, T] segment mask, which cuDNN adds as a bias, so any segment layout is right; its
+backward kernel computes no gradient for that bias (`_no_mask_gradient`). Where the segments
+are a right-padding mask (`TransformerConfig.padding_segments`: BERT's input_mask), cuDNN takes
+each row's length instead (its PADDING mask types), with no [B, 1, T, T] tensor at all.
 
 Measured on an H200 (JAX 0.11.2, 2026-11-26, gpt_medium, batch 16 x 1024, bf16, dropout 0.1):
 cuDNN's packed-sequence layout (`q_seqlen`/`q_offsets`, at most M segments per row) with a
@@ -43,9 +46,11 @@ multiple of K), H head dim.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import zlib
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -123,20 +128,52 @@ def dropout_seed(module_path: tuple[str, ...]) -> int:
 
 
 def cudnn_attention(q: Array, k: Array, v: Array, segments: Array, *, causal: bool,
-                    dropout_rate: float = 0.0, seed: int = 0) -> Array:
+                    dropout_rate: float = 0.0, seed: int = 0,
+                    lengths: Array | None = None) -> Array:
     """softmax(q k^T / sqrt(H) + segment mask) v with cuDNN's fused kernel, causal or not, with
     dropout on the probabilities when `dropout_rate` > 0 (cuDNN's own generator: `seed` and an
     offset XLA advances each run, see the module docstring).
 
+    `lengths` int32[B]: the segments are a right-padding mask (row b's first lengths[b] tokens
+    real, the rest padding; `TransformerConfig.padding_segments`), so cuDNN masks by length
+    (its PADDING mask types) and reads no [B, 1, T, T] mask. The real queries' outputs are the
+    segment mask's; padding queries attend nothing and output zeros.
+
     q [B, T, N, H], k/v [B, T, K, H] (16-bit), segments int[B, T] -> [B, T, N, H].
     """
-    same_segment = segments[:, None, :, None] == segments[:, None, None, :]  # [B, 1, T, T]
-    if not dropout_rate:
-        return jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=causal,
-                                            implementation="cudnn")
     from jax._src.cudnn import fused_attention_stablehlo as fused
 
-    mask_type = fused.MaskType.CAUSAL if causal else fused.MaskType.NO_MASK
-    return fused.dot_product_attention(q, k, v, None, same_segment, scale=q.shape[-1] ** -0.5,
-                                       mask_type=mask_type, seed=seed,
-                                       dropout_rate=float(dropout_rate))
+    if lengths is not None:
+        if not dropout_rate:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                query_seq_lengths=lengths,
+                                                key_value_seq_lengths=lengths,
+                                                implementation="cudnn")
+        mask_type = fused.MaskType.PADDING_CAUSAL if causal else fused.MaskType.PADDING
+        return fused.dot_product_attention(q, k, v, None, None, q_seqlen=lengths,
+                                           kv_seqlen=lengths, scale=q.shape[-1] ** -0.5,
+                                           mask_type=mask_type, seed=seed,
+                                           dropout_rate=float(dropout_rate))
+    same_segment = segments[:, None, :, None] == segments[:, None, None, :]  # [B, 1, T, T]
+    with _no_mask_gradient(fused):
+        if not dropout_rate:
+            return jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=causal,
+                                                implementation="cudnn")
+        mask_type = fused.MaskType.CAUSAL if causal else fused.MaskType.NO_MASK
+        return fused.dot_product_attention(q, k, v, None, same_segment,
+                                           scale=q.shape[-1] ** -0.5, mask_type=mask_type,
+                                           seed=seed, dropout_rate=float(dropout_rate))
+
+
+@contextlib.contextmanager
+def _no_mask_gradient(fused) -> Iterator[None]:
+    """While tracing: JAX's cuDNN attention (0.10-0.11) turns a mask into a bias and has the
+    backward kernel export that bias's gradient, [B, 1, T, T] per layer, whenever there is a
+    bias (`should_export_dbias` answers True). A segment mask has no gradient: the backward
+    kernel skips it here."""
+    export = fused.should_export_dbias
+    fused.should_export_dbias = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        fused.should_export_dbias = export

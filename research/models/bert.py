@@ -26,6 +26,8 @@ P(tensor, fsdp) [V, D] embedding. tests/test_bert_model.py guards the chosen lay
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,7 +67,9 @@ class BertPretrainer(nn.Module):
             raise ConfigError("BertPretrainer needs a bidirectional encoder: set "
                               "TransformerConfig.causal = False (configs/models/bert_*.gin do).")
         dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
-        self.encoder = TransformerStack(cfg, name="encoder")
+        # input_mask (the encoder's segment ids) is 1 for the real tokens, then 0: right padding
+        self.encoder = TransformerStack(dataclasses.replace(cfg, padding_segments=True),
+                                        name="encoder")
         self.pooler = nn.Dense(cfg.d_model, kernel_init=normal_init(cfg.init_std, ("mlp", "embed")),
                                bias_init=zeros_init(("embed",)), name="pooler", **dense)
         self.mlm_transform = nn.Dense(cfg.d_model,

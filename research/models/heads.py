@@ -16,6 +16,8 @@ BERT fine-tuning does.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,11 @@ from research.models.transformer import TransformerConfig, TransformerStack
 Array = jax.Array
 
 TASKS = ("binary", "multiclass", "regression")
+
+
+def _right_padded(cfg: TransformerConfig) -> TransformerConfig:
+    """The stack's config for input_mask segment ids (1 for the real tokens, then 0)."""
+    return dataclasses.replace(cfg, padding_segments=True)
 
 
 class SequenceClassifier(nn.Module):
@@ -45,9 +52,9 @@ class SequenceClassifier(nn.Module):
         cfg = self.cfg
         dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         if cfg.causal:
-            self.decoder = TransformerStack(cfg, name="decoder")
+            self.decoder = TransformerStack(_right_padded(cfg), name="decoder")
         else:
-            self.encoder = TransformerStack(cfg, name="encoder")
+            self.encoder = TransformerStack(_right_padded(cfg), name="encoder")
             self.pooler = nn.Dense(cfg.d_model,
                                    kernel_init=normal_init(cfg.init_std, ("mlp", "embed")),
                                    bias_init=zeros_init(("embed",)), name="pooler", **dense)
@@ -88,7 +95,7 @@ class SpanExtractor(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.encoder = TransformerStack(cfg, name="encoder")
+        self.encoder = TransformerStack(_right_padded(cfg), name="encoder")
         self.qa_outputs = nn.Dense(2, kernel_init=normal_init(self.head_init_std,
                                                               ("embed", "classes")),
                                    bias_init=zeros_init(("classes",)), name="qa_outputs",
@@ -120,7 +127,7 @@ class TokenClassifier(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.encoder = TransformerStack(cfg, name="encoder")
+        self.encoder = TransformerStack(_right_padded(cfg), name="encoder")
         self.dropout = Dropout(self.head_dropout)
         self.classifier = nn.Dense(self.num_labels,
                                    kernel_init=normal_init(self.head_init_std, ("embed", "classes")),
@@ -154,7 +161,7 @@ class MultipleChoiceClassifier(nn.Module):
     def setup(self):
         cfg = self.cfg
         dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
-        self.encoder = TransformerStack(cfg, name="encoder")
+        self.encoder = TransformerStack(_right_padded(cfg), name="encoder")
         self.pooler = nn.Dense(cfg.d_model, kernel_init=normal_init(cfg.init_std, ("mlp", "embed")),
                                bias_init=zeros_init(("embed",)), name="pooler", **dense)
         self.dropout = Dropout(self.head_dropout)

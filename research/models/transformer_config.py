@@ -94,6 +94,11 @@ class TransformerConfig:
     # random bits per dropout decision: 16 (two per threefry word) or 32; None: 16 on CPU, where
     # halving the bits was measured to help, 32 elsewhere
     dropout_bits: int | None = None
+    # segment_ids are a right-padding mask (1 for each row's real tokens, then 0) rather than
+    # packed documents: cuDNN then masks by each row's length instead of reading a [B, 1, T, T]
+    # mask (the other kernels take the segment mask either way, the same for real tokens).
+    # research.models.bert sets it (its input_mask is such a mask); wrong for packed rows.
+    padding_segments: bool = False
 
     def __post_init__(self):
         _check_choice("activation", self.activation, ACTIVATIONS)
