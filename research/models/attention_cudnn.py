@@ -167,11 +167,15 @@ def cudnn_attention(q: Array, k: Array, v: Array, segments: Array, *, causal: bo
 
 @contextlib.contextmanager
 def _no_mask_gradient(fused) -> Iterator[None]:
-    """While tracing: JAX's cuDNN attention (0.10-0.11) turns a mask into a bias and has the
+    """While tracing: JAX's cuDNN attention up to 0.11.1 turns a mask into a bias and has the
     backward kernel export that bias's gradient, [B, 1, T, T] per layer, whenever there is a
     bias (`should_export_dbias` answers True). A segment mask has no gradient: the backward
-    kernel skips it here."""
-    export = fused.should_export_dbias
+    kernel skips it here. (JAX 0.11.2 skips it for boolean masks itself and has no
+    `should_export_dbias`: nothing to do.)"""
+    export = getattr(fused, "should_export_dbias", None)
+    if export is None:
+        yield
+        return
     fused.should_export_dbias = lambda *args, **kwargs: False
     try:
         yield
