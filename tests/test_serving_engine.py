@@ -213,6 +213,28 @@ def test_stop_string_cuts_the_text_and_frees_the_slot(engine):
     assert engine.stats()["active"] == 0
 
 
+def test_slot_cache_follows_the_longest_request(mp):
+    """The slot cache grows to the bucket the longest running request needs and shrinks back
+    when it ends; a request that runs across the growth gets generate's tokens."""
+    model, params = mp
+    eng = make_engine(mp, min_cache=8)  # cache lengths 8, 16, 32
+    lengths = []
+    fit = eng._fit_cache
+    eng._fit_cache = lambda needed, grow_only=False: (fit(needed, grow_only),
+                                                      lengths.append(eng._cache_len))
+    eng.start()
+    try:
+        want = generate(model, params, PROMPTS[:1], max_new_tokens=20, eos_id=-1, pad_id=0,
+                        temperature=0, vocab_limit=VOCAB_LIMIT)[0]
+        got = eng.submit(PROMPTS[0], SamplingParams(max_tokens=20, temperature=0)).result(TIMEOUT)
+        short = eng.submit(PROMPTS[1], SamplingParams(max_tokens=2, temperature=0)).result(TIMEOUT)
+    finally:
+        eng.shutdown(timeout=TIMEOUT)
+    assert got == (want, letters(want), "length")
+    assert len(PROMPTS[0]) + 20 > 16 and 32 in lengths  # grew to the bucket it needed
+    assert short[2] == "length" and lengths[-1] == 8  # back to what the short one needs
+
+
 def test_eos_ends_the_request(mp, engine):
     ids, _, _ = engine.submit(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0)
                               ).result(TIMEOUT)
