@@ -13,9 +13,9 @@ Sampling is per row: temperature (0 = greedy), top-k (0 = off) and top-p (1 = of
 Gumbel noise hashed from the request's seed and the index n of the token it draws (n from 0),
 so a request's tokens do not depend on the other rows.
 
-Shapes: B = max_batch slots, S = the cache's length, n prompts admitted per call (padding rows go to
-slot index B, dropped), P their padded length (a bucket: powers of two from 16 up to S), V
-vocab.
+Shapes: B = max_batch slots, S = the cache's length, n prompts admitted per call (padding rows
+go to slot index B, dropped), P their padded length (a bucket: powers of two from 16 up to
+max_len), V vocab.
 """
 
 from __future__ import annotations
