@@ -69,6 +69,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="causal LM: positions per slot, prompt + max_tokens (default the "
                              "model's max_len); classification: tokens per input (default "
                              "the run's SEQ_LEN)")
+    parser.add_argument("--prefill_tokens", type=int, default=128,
+                        help="causal LM: prompt tokens per prefill call; prompts padded to P "
+                             "tokens are prefilled max(1, N/P) at a time, a fixed shape per P "
+                             "(more: a burst of requests starts sooner, a lone one later; "
+                             "default 128)")
     parser.add_argument("--name", default=None,
                         help="the model name in responses and /v1/models (default: DIR's "
                              "basename)")
@@ -89,6 +94,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--port={args.port} must be in 0..65535")
     if args.max_batch < 1:
         parser.error(f"--max_batch={args.max_batch} must be at least 1")
+    if args.prefill_tokens < 1:
+        parser.error(f"--prefill_tokens={args.prefill_tokens} must be at least 1")
     if args.max_len is not None and args.max_len < 2:
         parser.error(f"--max_len={args.max_len} must be at least 2")
     if args.step is not None and args.step < 0:
@@ -138,7 +145,7 @@ def build_served(args: argparse.Namespace):
     metrics = make_metrics(args.max_batch)
     engine = Engine(model, params, decode=tok.decode, eos_id=tok.eos_id, pad_id=tok.pad_id,
                     vocab_limit=tok.vocab_size, max_batch=args.max_batch, max_len=args.max_len,
-                    layout=layout, observer=metrics)
+                    layout=layout, observer=metrics, prefill_tokens=args.prefill_tokens)
     log.info("compiling the engine (%d slots of %d positions)", engine.capacity, engine.max_len)
     engine.warmup()
     engine.start()

@@ -288,8 +288,10 @@ def test_mesh_shape_shards_both_kinds_and_changes_no_output(reference, lm_workdi
     tok, rows = reference
     mesh = "--mesh_shape={'data': 2, 'tensor': 4}"
     served, _ = serve.build_served(serve.parse_args([f"--workdir={lm_workdir}", mesh,
-                                                     "--max_batch=2", f"--max_len={MAX_LEN}"]))
+                                                     "--max_batch=2", f"--max_len={MAX_LEN}",
+                                                     "--prefill_tokens=16"]))
     try:
+        assert served.engine.prefill_rows(16) == 1  # --prefill_tokens reaches the engine
         assert served.engine.layout.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 4}
         sharded = [leaf.sharding.spec for leaf in jax.tree.leaves(served.engine.params)]
         assert any("tensor" in str(spec) for spec in sharded)
@@ -574,7 +576,7 @@ def test_cli_mistakes_end_with_one_error_line(lm_workdir, tmp_path, capsys):
     finally:
         busy.close()
     for flag in ("--max_batch=0", "--port=70000", "--max_len=1", "--bogus=1",
-                 "--mesh_shape=tensor", "--rules=fsdp_tensor"):
+                 "--prefill_tokens=0", "--mesh_shape=tensor", "--rules=fsdp_tensor"):
         with pytest.raises(SystemExit, match="2"):
             serve.main([f"--workdir={lm_workdir}", flag])
         err = capsys.readouterr().err.strip().splitlines()[-1]

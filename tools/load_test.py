@@ -8,7 +8,7 @@ transformers pipeline behind a Flask route).
     python tools/load_test.py --peer --hf_dir=hf/gpt_mini --concurrency=16 --requests=32 \\
         --max_tokens=64
 
-C workers (asyncio + httpx, one connection each) send N requests in all, request i with prompt
+C workers (asyncio, one HTTP/1.1 keep-alive connection each: tools/http11.py) send N requests in all, request i with prompt
 i mod len(prompts) and seed SEED + i, after --warmup requests sent one by one and not counted.
 Prints a table and, as its last line, one JSON object: requests_per_sec, tokens_per_sec,
 ttft_p50_s / p90 / p99, latency_p50_s / p90 / p99, concurrency, requests, ok, errors,
@@ -56,6 +56,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import http11  # noqa: E402  (tools/http11.py, beside this script)
 from research import cli  # noqa: E402
 from research.errors import ConfigError, RunStoppedError  # noqa: E402
 
@@ -63,6 +64,7 @@ DEFAULT_PROMPT = "It is a truth universally acknowledged, that"
 PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_peer.py")
 PEER_READY_PREFIX = "serve_peer: listening on "  # tools/serve_peer.py's READY_PREFIX
 PERCENTILES = (50, 90, 99)
+COMPLETIONS = "/v1/completions"
 
 
 @dataclasses.dataclass
@@ -136,25 +138,27 @@ def _completion_tokens(answer: Any) -> int:
     return tokens
 
 
-async def _one_plain(client, url: str, body: dict) -> Result:
+async def _one_plain(conn: http11.Connection, body: dict) -> Result:
     start = time.perf_counter()
-    resp = await client.post(url, json=body)
+    async with conn.post(COMPLETIONS, body) as resp:
+        answer = await resp.read()
     latency = time.perf_counter() - start
-    if resp.status_code != 200:
-        return Result(False, error=f"HTTP {resp.status_code}: {resp.text[:200]}")
-    tokens = _completion_tokens(resp.json())
+    if resp.status != 200:
+        return Result(False, error=f"HTTP {resp.status}: "
+                                   f"{answer.decode('utf-8', 'replace')[:200]}")
+    tokens = _completion_tokens(json.loads(answer))
     return Result(True, latency_s=latency, ttft_s=latency, tokens=tokens)
 
 
-async def _one_stream(client, url: str, body: dict) -> Result:
+async def _one_stream(conn: http11.Connection, body: dict) -> Result:
     """One streamed request: parses `data: {...}` events up to `data: [DONE]`."""
     start = time.perf_counter()
     ttft, chunks_with_text, usage_tokens, finish, done = None, 0, None, None, False
-    async with client.stream("POST", url, json=body) as resp:
-        if resp.status_code != 200:
-            text = (await resp.aread()).decode("utf-8", "replace")
-            return Result(False, error=f"HTTP {resp.status_code}: {text[:200]}")
-        async for line in resp.aiter_lines():
+    async with conn.post(COMPLETIONS, body) as resp:
+        if resp.status != 200:
+            text = (await resp.read()).decode("utf-8", "replace")
+            return Result(False, error=f"HTTP {resp.status}: {text[:200]}")
+        async for line in resp.lines():
             if not line.startswith("data:"):
                 continue
             data = line[len("data:"):].strip()
@@ -172,6 +176,8 @@ async def _one_stream(client, url: str, body: dict) -> Result:
                     if ttft is None:
                         ttft = time.perf_counter() - start
                 finish = choice.get("finish_reason") or finish
+        if done:
+            await resp.read()  # the body's end (nothing after [DONE]): the connection is reused
     latency = time.perf_counter() - start
     if not done:
         return Result(False, error="the stream ended without data: [DONE]")
@@ -185,44 +191,41 @@ async def _one_stream(client, url: str, body: dict) -> Result:
                   tokens=tokens)
 
 
-async def _one(client, url: str, body: dict) -> Result:
-    import httpx
+async def _one(conn: http11.Connection, body: dict) -> Result:
     try:
         if body["stream"]:
-            return await _one_stream(client, url, body)
-        return await _one_plain(client, url, body)
-    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return await _one_stream(conn, body)
+        return await _one_plain(conn, body)
+    except (http11.HTTPError, ValueError, KeyError, TypeError, AttributeError) as e:
         return Result(False, error=f"{type(e).__name__}: {e}")
 
 
 async def run_load(args: argparse.Namespace, base_url: str, prompts: list[str],
                    deadline: float) -> tuple[list[Result], float]:
-    """Warm-up, then N requests over C workers; (results in request order, wall seconds)."""
-    import httpx
-    url = base_url.rstrip("/") + "/v1/completions"
-    limits = httpx.Limits(max_connections=args.concurrency,
-                          max_keepalive_connections=args.concurrency)
-    timeout = httpx.Timeout(max(deadline - time.monotonic(), 1.0))
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    """Warm-up, then N requests over C workers, one connection each; (results in request
+    order, wall seconds)."""
+    conns = [http11.Connection(base_url) for _ in range(args.concurrency)]
+    try:
         for i in range(args.warmup):
             body = request_body(args, prompts[i % len(prompts)], args.seed + args.requests + i)
-            await asyncio.wait_for(_one(client, url, body),
-                                   max(deadline - time.monotonic(), 0.01))
+            await asyncio.wait_for(_one(conns[0], body), max(deadline - time.monotonic(), 0.01))
         results: list[Result | None] = [None] * args.requests
         queue = iter(range(args.requests))
 
-        async def worker() -> None:
+        async def worker(conn: http11.Connection) -> None:
             for i in queue:
-                results[i] = await _one(client, url, request_body(
+                results[i] = await _one(conn, request_body(
                     args, prompts[i % len(prompts)], args.seed + i))
 
         start = time.perf_counter()
-        workers = [asyncio.ensure_future(worker()) for _ in range(args.concurrency)]
+        workers = [asyncio.ensure_future(worker(conn)) for conn in conns]
         _, pending = await asyncio.wait(workers, timeout=max(deadline - time.monotonic(), 0))
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         ends = time.perf_counter()
+    finally:
+        await asyncio.gather(*(conn.close() for conn in conns), return_exceptions=True)
     filled = [r if r is not None else Result(False, error=f"not answered within --timeout="
                                                            f"{args.timeout:g}s")
               for r in results]

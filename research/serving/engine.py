@@ -73,7 +73,7 @@ class Engine:
                  eos_id: int, pad_id: int, vocab_limit: int, max_batch: int = 16,
                  max_len: int | None = None, layout: Layout | None = None,
                  observer: EngineObserver | None = None, steps_per_sync: int = 4,
-                 min_cache: int = 64, prefill_tokens: int = 64):
+                 min_cache: int = 64, prefill_tokens: int = 128):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be at least 1")
         limit = model.cfg.max_len
