@@ -160,9 +160,13 @@ def bind(host: str, port: int) -> socket.socket:
     except socket.gaierror as err:
         raise ConfigError(f"--host={host}: {err.strerror}; pass an address such as "
                           "127.0.0.1 or 0.0.0.0.") from err
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    # With proto IPPROTO_TCP (not socket.socket's default 0) asyncio sets TCP_NODELAY on every
+    # accepted connection; without it, Nagle's algorithm held a stream's first event back until
+    # the client's delayed ACK (~40 ms of time to first token).
+    sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind(address)
     except OSError as err:

@@ -8,6 +8,7 @@ research.generate.generate on the same checkpoint (greedy text), against each ot
 against the model applied directly. Every request has a timeout; the subprocess is killed in
 a finally (ChildProcesses)."""
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import json
@@ -554,6 +555,39 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(lm_server):
         pytest.fail("the server still answers after exiting")
     except httpx.TransportError:
         pass
+
+
+def test_connections_on_the_bound_socket_send_without_delay():
+    """Connections that asyncio (hence uvicorn) accepts on `serve.bind`'s socket have
+    TCP_NODELAY. Without it Nagle's algorithm held a stream's events back until the client's
+    delayed ACK: the first token arrived ~40 ms after the headers instead of at once."""
+    sock = serve.bind("127.0.0.1", 0)
+
+    async def accepted_nodelay() -> int:
+        loop = asyncio.get_running_loop()
+        seen = loop.create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                option = transport.get_extra_info("socket").getsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                seen.set_result(option)
+                transport.close()
+
+        server = await loop.create_server(Probe, sock=sock)
+        try:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            option = await asyncio.wait_for(seen, TIMEOUT)
+            writer.close()
+            return option
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    try:
+        assert asyncio.run(accepted_nodelay()) != 0
+    finally:
+        sock.close()
 
 
 def test_cli_mistakes_end_with_one_error_line(lm_workdir, tmp_path, capsys):
