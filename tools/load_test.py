@@ -8,8 +8,9 @@ transformers pipeline behind a Flask route).
     python tools/load_test.py --peer --hf_dir=hf/gpt_mini --concurrency=16 --requests=32 \\
         --max_tokens=64
 
-C workers (asyncio, one HTTP/1.1 keep-alive connection each: tools/http11.py) send N requests in all, request i with prompt
-i mod len(prompts) and seed SEED + i, after --warmup requests sent one by one and not counted.
+C workers (asyncio, one HTTP/1.1 keep-alive connection each: tools/http11.py) send N requests
+in all, request i with prompt i mod len(prompts) and seed SEED + i, after --warmup requests sent
+one by one and not counted.
 Prints a table and, as its last line, one JSON object: requests_per_sec, tokens_per_sec,
 ttft_p50_s / p90 / p99, latency_p50_s / p90 / p99, concurrency, requests, ok, errors,
 completion_tokens, wall_s, stream, peer, max_tokens.
@@ -65,6 +66,7 @@ PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_pe
 PEER_READY_PREFIX = "serve_peer: listening on "  # tools/serve_peer.py's READY_PREFIX
 PERCENTILES = (50, 90, 99)
 COMPLETIONS = "/v1/completions"
+BODY_END_TIMEOUT = 5.0  # seconds to wait for a stream's end after its data: [DONE]
 
 
 @dataclasses.dataclass
@@ -163,7 +165,7 @@ async def _one_stream(conn: http11.Connection, body: dict) -> Result:
                 continue
             data = line[len("data:"):].strip()
             if data == "[DONE]":
-                done = True
+                done, latency = True, time.perf_counter() - start
                 break
             event = json.loads(data)
             if isinstance(event, dict) and event.get("error"):
@@ -176,9 +178,11 @@ async def _one_stream(conn: http11.Connection, body: dict) -> Result:
                     if ttft is None:
                         ttft = time.perf_counter() - start
                 finish = choice.get("finish_reason") or finish
-        if done:
-            await resp.read()  # the body's end (nothing after [DONE]): the connection is reused
-    latency = time.perf_counter() - start
+        if done:  # the body ends right after [DONE]; read to its end to reuse the connection
+            try:
+                await asyncio.wait_for(resp.read(), BODY_END_TIMEOUT)
+            except asyncio.TimeoutError:  # a server that keeps the stream open: it is closed
+                pass
     if not done:
         return Result(False, error="the stream ended without data: [DONE]")
     if usage_tokens is not None:
