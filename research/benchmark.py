@@ -36,8 +36,11 @@ Where torch sees a GPU the peer runs there (float32 weights, bf16 autocast when 
 in bfloat16, TF32 for float32 as XLA does, fused AdamW, SDPA attention); on CPU with weights
 in the compute dtype on every thread. `--compare=hf_torch_compile` adds torch.compile (its
 warm-up, at least one step, includes the compilation); `--compare=hf_torch,hf_torch_compile`
-runs both, one after the other (JSON: `peers`, by name; `compare` is the first). The peer
-runs in this process after ours, so with --compare JAX does not preallocate GPU memory
+runs both (JSON: `peers`, by name; `compare` is the first). The peer runs in this process.
+On CPU its timed steps alternate with ours (one of ours, one of each peer's, and again; JSON
+`interleaved`), so a shared host that slows down or speeds up during the run weighs on both
+sides alike and the ratio compares like with like. On an accelerator each side is timed on its
+own, pipelined, ours first; with --compare JAX does not preallocate GPU memory there
 (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set; the JSON's jax_gpu_preallocate). Details:
 research/benchmark_peer.py.
 
@@ -62,7 +65,7 @@ import os
 import resource
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import gin
 import numpy as np
@@ -166,9 +169,12 @@ def peak_memory_bytes(device) -> tuple[int, str]:
 
 
 def run_ours(run: dict, steps: int, warmup: int, seed: int,
-             profile: profiling.StepProfiler | None = None) -> dict:
+             profile: profiling.StepProfiler | None = None,
+             interleave: Callable[[Any, Any], Callable[[], Any]] | None = None) -> dict:
     """Builds the run as research.train does, times its train step on synthetic batches;
-    `profile` traces its window of the timed steps."""
+    `profile` traces its window of the timed steps. `interleave(cfg, objective)`, called after
+    our warm-up, returns what runs after each of our timed steps, outside its timed span (the
+    peers' steps, on CPU: see `main`)."""
     import jax
 
     from research.models.transformer import count_params
@@ -200,8 +206,9 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int,
         for _ in range(warmup):
             state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics) if warmup else state)
+        between = interleave(cfg, setup.objective) if interleave is not None else None
         state, metrics, times = time_steps(compiled, state, batch, steps, profile,
-                                           pipelined=pipelined_timing())
+                                           pipelined=pipelined_timing(), between=between)
     loss = jax.device_get(metrics["loss"])
     # Measured CPU peaks are taken before and after the timed steps and the higher one kept:
     # a neighbour stealing cycles during one measurement must not inflate the MFU.
@@ -245,11 +252,12 @@ def pipelined_timing(backend: str | None = None) -> bool:
 
 
 def time_steps(compiled: Any, state: Any, batch: Any, steps: int,
-               profile: profiling.StepProfiler | None = None,
-               pipelined: bool = False) -> tuple[Any, Any, list[float]]:
+               profile: profiling.StepProfiler | None = None, pipelined: bool = False,
+               between: Callable[[], Any] | None = None) -> tuple[Any, Any, list[float]]:
     """Runs `steps` timed train steps; (state, last metrics, seconds per step).
 
-    Blocking (`pipelined=False`, the CPU's way): each step is dispatched and waited for.
+    Blocking (`pipelined=False`, the CPU's way): each step is dispatched and waited for;
+    `between` (blocking only) runs after each, untimed.
     Pipelined (GPU/TPU): step i+1 is dispatched before step i is waited for, as the training
     loop runs (it never waits on a step), so the host's dispatch overlaps the device's work;
     a step's time is the interval between the completions of consecutive steps. Two untimed
@@ -259,6 +267,8 @@ def time_steps(compiled: Any, state: Any, batch: Any, steps: int,
     import jax
 
     times, metrics = [], None
+    if pipelined and between is not None:
+        raise ValueError("time_steps: `between` needs blocking timing")
     if not pipelined:
         for i in range(steps):
             if profile is not None:
@@ -269,6 +279,8 @@ def time_steps(compiled: Any, state: Any, batch: Any, steps: int,
             times.append(time.perf_counter() - t0)
             if profile is not None:
                 profile.after(i, (state, metrics))
+            if between is not None:
+                between()
     else:
         state, metrics = compiled(state, batch)  # untimed: fills the pipeline
         done_at = None
@@ -348,21 +360,17 @@ def print_result(result: dict, cfg: Any) -> None:
           f"({result['peak_memory_source']})")
 
 
-def compare(result: dict, peer_name: str, cfg: Any, objective: Any, args: argparse.Namespace,
-            learning_rate: float) -> None:
-    """Runs the peer on our shapes, prints it and adds it to `peers` (with its MFU: our model
-    FLOPs per step / its step time / our per-device peak, and our tokens/s over its); the
-    first peer is also `compare` (and `compare_ratio`), the README table's peer."""
-    peer = benchmark_peer.run_hf_torch(cfg, objective, result["batch_size"], result["seq_len"],
-                                       args.steps, args.warmup, learning_rate, args.seed,
-                                       peer=peer_name)
+def compare(result: dict, peer_name: str, peer: dict, steps: int) -> None:
+    """Prints the peer's timed run `peer` next to ours and adds it to `peers` (with its MFU:
+    our model FLOPs per step / its step time / our per-device peak, and our tokens/s over its);
+    the first peer is also `compare` (and `compare_ratio`), the README table's peer."""
     peer["mfu"] = (result["model_flops_per_step"] / peer["step_time_s"]
                    / result["peak_flops_per_device"])
     ratio = result["tokens_per_sec"] / peer["tokens_per_sec"]
     print(f"{peer_name}: {benchmark_peer.describe(peer)}")
     warm = (f"; warm-up {peer['warmup']} step(s) {peer['warmup_s']:.1f} s, compilation included"
             if peer["compiled"] else "")
-    print(f"{peer_name}: step {peer['step_time_s'] * 1e3:.1f} ms (median of {args.steps}), "
+    print(f"{peer_name}: step {peer['step_time_s'] * 1e3:.1f} ms (median of {steps}), "
           f"{peer['tokens_per_sec']:.1f} tokens/s, MFU {100 * peer['mfu']:.1f}% (same model "
           f"FLOPs and peak as ours){warm}")
     print(f"ours / {peer_name} tokens/s: {ratio:.2f}x")
@@ -398,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="{hf_torch,hf_torch_compile}[,...]",
                         help="also run the same shapes through the Hugging Face PyTorch peer "
                              "(on the GPU when torch sees one), eager and/or torch.compile'd; "
-                             "several comma-separated run one after the other")
+                             "several comma-separated; on CPU their steps alternate with ours")
     parser.add_argument("--profile_steps", type=profiling.parse_steps, default=None,
                         metavar="N:M", help="jax.profiler trace of the timed steps N..M-1 "
                                             "(0-based, after warm-up) into --profile_dir")
@@ -422,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.check_output_dir(args.profile_dir, "--profile_dir")
         profile = profiling.StepProfiler(args.profile_steps, args.profile_dir)
     if args.compare:
-        # The peer runs in this process after ours; JAX's GPU memory preallocation (most of
+        # The peer runs in this process beside ours; JAX's GPU memory preallocation (most of
         # the memory) would leave it little, so JAX allocates as it goes (unless set).
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     parse_gin(args.gin_file, bindings)
@@ -441,7 +449,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_only == "alone":
             print(json.dumps(data))
             return 0
-    result = run_ours(run, args.steps, args.warmup, args.seed, profile)
+    peers: dict[str, benchmark_peer.PeerRun] = {}
+
+    def interleave(cfg: Any, objective: Any) -> Callable[[], None]:
+        for name in args.compare:
+            peers[name] = benchmark_peer.prepare(cfg, objective, run["batch_size"],
+                                                 run["seq_len"], args.warmup,
+                                                 run["learning_rate"], args.seed, name)
+        return lambda: [peer.timed_step() for peer in peers.values()]
+
+    # On CPU (blocking timing) the peers' steps alternate with ours, so a host that slows down
+    # or speeds up during the run weighs on both sides alike; on an accelerator each side is
+    # timed pipelined on its own, ours first.
+    interleaved = bool(args.compare) and not pipelined_timing()
+    result = run_ours(run, args.steps, args.warmup, args.seed, profile,
+                      interleave=interleave if interleaved else None)
     cfg, objective = result.pop("_cfg"), result.pop("_objective")
     if profile is not None:
         result["profile"] = {"steps": list(args.profile_steps), "dir": args.profile_dir,
@@ -449,8 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     print_result(result, cfg)
     if profile is not None:
         _print_trace_summary(args.profile_dir)
-    for peer_name in args.compare or []:
-        compare(result, peer_name, cfg, objective, args, run["learning_rate"])
+    for name in args.compare or []:
+        if interleaved:
+            peer = {**peers[name].result(), "interleaved": True}
+            benchmark_peer.release(name)
+        else:
+            peer = {**benchmark_peer.run_hf_torch(cfg, objective, run["batch_size"],
+                                                  run["seq_len"], args.steps, args.warmup,
+                                                  run["learning_rate"], args.seed, peer=name),
+                    "interleaved": False}
+        compare(result, name, peer, args.steps)
     if args.data_only:
         result.update(data)
         benchmark_data.add_ratio(result)

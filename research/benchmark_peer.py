@@ -5,7 +5,8 @@ The same shapes as ours (layers, width, heads, MLP, vocabulary, batch, sequence,
 through transformers' GPT2LMHeadModel (causal LM) or BertForPreTraining (BERT pretraining),
 built from a config (nothing downloaded) with SDPA attention (attn_implementation="sdpa"):
 forward, backward, gradient clipping to norm 1 and an AdamW step, timed per step like ours
-(median). (BertForPreTraining computes MLM logits at every position, ours only at the gathered
+(median). `prepare` builds and warms a peer up (`PeerRun`); on CPU research.benchmark times its
+steps between ours (`PeerRun.timed_step`), `run_hf_torch` times one on its own. (BertForPreTraining computes MLM logits at every position, ours only at the gathered
 ones; GPT2LMHeadModel's loss covers T - 1 positions.)
 
 Where torch.cuda.is_available() the peer runs on the GPU (cuda:0): float32 weights, the
@@ -26,6 +27,7 @@ compilation fails, a ConfigError says so (use --compare=hf_torch there).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import time
@@ -167,6 +169,34 @@ def _build(torch, transformers, cfg, objective, batch_size: int, seq_len: int, s
     return build(transformers, cfg, objective, ids, act, rng)
 
 
+@dataclasses.dataclass
+class PeerRun:
+    """A built and warmed-up peer: `step()` runs one training step (not synchronized on a GPU);
+    `info` says how it runs (model, versions, device, precision, warm-up); `times` collects the
+    seconds of its timed steps."""
+
+    name: str
+    step: Callable[[], Any]
+    cuda: bool
+    tokens_per_step: int
+    info: dict
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    def timed_step(self) -> float:
+        """One blocking step on the CPU, timed and recorded (the interleaved comparison)."""
+        t0 = time.perf_counter()
+        self.step()
+        self.times.append(time.perf_counter() - t0)
+        return self.times[-1]
+
+    def result(self) -> dict:
+        """`info` with the step times: median `step_time_s`, all of them, tokens/s."""
+        step_time = float(np.median(self.times))
+        return {**self.info, "step_time_s": step_time,
+                "step_times_s": [float(t) for t in self.times],
+                "tokens_per_sec": self.tokens_per_step / step_time}
+
+
 def run_hf_torch(cfg, objective, batch_size: int, seq_len: int, steps: int, warmup: int,
                  learning_rate: float, seed: int = 0, peer: str = "hf_torch") -> dict:
     """The same shapes through HF transformers' PyTorch model with an AdamW step (see the
@@ -176,19 +206,33 @@ def run_hf_torch(cfg, objective, batch_size: int, seq_len: int, steps: int, warm
     second peer in the same process starts from the same place."""
     import torch
     try:
-        return _run(torch, cfg, objective, batch_size, seq_len, steps, warmup, learning_rate,
-                    seed, peer)
+        run = prepare(cfg, objective, batch_size, seq_len, warmup, learning_rate, seed, peer)
+        if run.cuda:
+            run.times = _pipelined_times(torch, run.step, steps)
+        else:
+            for _ in range(steps):
+                run.timed_step()
+        return run.result()
     finally:
-        if peer == "hf_torch_compile":
-            import torch._dynamo
-            torch._dynamo.reset()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release(peer)
 
 
-def _run(torch, cfg, objective, batch_size: int, seq_len: int, steps: int, warmup: int,
-         learning_rate: float, seed: int, peer: str) -> dict:
+def release(peer: str) -> None:
+    """Frees what a finished peer held: compiled graphs (torch.compile), the CUDA cache."""
+    import torch
+    if peer == "hf_torch_compile":
+        import torch._dynamo
+        torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def prepare(cfg, objective, batch_size: int, seq_len: int, warmup: int, learning_rate: float,
+            seed: int = 0, peer: str = "hf_torch") -> PeerRun:
+    """Builds the peer `peer` for our shapes, places it (`placement`) and runs its `warmup`
+    untimed steps (at least one for torch.compile, which compiles in it)."""
+    import torch
     import transformers
 
     if peer not in PEERS:
@@ -206,7 +250,6 @@ def _run(torch, cfg, objective, batch_size: int, seq_len: int, steps: int, warmu
                             **({"fused": True} if device.type == "cuda" else {}))
     forward = torch.compile(model) if compiled else model
     step = _train_step(torch, model, forward, opt, inputs, where)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     warmup = max(warmup, 1) if compiled else warmup
     t0 = time.perf_counter()
     for i in range(warmup):
@@ -214,23 +257,16 @@ def _run(torch, cfg, objective, batch_size: int, seq_len: int, steps: int, warmu
             _run_first(step, peer)
         else:
             step()
-    sync()
-    warmup_s = time.perf_counter() - t0
-    times = _pipelined_times(torch, step, steps) if device.type == "cuda" else []
-    for _ in range(steps if device.type != "cuda" else 0):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    step_time = float(np.median(times))
-    return {"model": name, "transformers": transformers.__version__, "torch": torch.__version__,
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    info = {"model": name, "transformers": transformers.__version__, "torch": torch.__version__,
             "device": where["device"], "device_name": _device_name(torch, device),
             "weights_dtype": where["weights"], "autocast": where["autocast"],
             "tf32": where["tf32"], "compiled": compiled, "fused_adamw": device.type == "cuda",
             "attention": model.config._attn_implementation, "threads": torch.get_num_threads(),
             "params": sum(p.numel() for p in model.parameters()), "warmup": warmup,
-            "warmup_s": warmup_s, "warmup_includes_compile": compiled,
-            "step_time_s": step_time, "step_times_s": [float(t) for t in times],
-            "tokens_per_sec": batch_size * seq_len / step_time}
+            "warmup_s": time.perf_counter() - t0, "warmup_includes_compile": compiled}
+    return PeerRun(peer, step, device.type == "cuda", batch_size * seq_len, info)
 
 
 def _pipelined_times(torch, step: Callable[[], Any], steps: int) -> list[float]:

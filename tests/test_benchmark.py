@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -146,6 +147,8 @@ def test_benchmark_compare_hf_torch(model, run, extra):
     assert result["compare_ratio"] == pytest.approx(result["tokens_per_sec"]
                                                     / peer["tokens_per_sec"])
     assert result["peers"] == {"hf_torch": peer}
+    # On CPU the peer's timed steps alternate with ours: as many of them, and flagged.
+    assert peer["interleaved"] is True and len(peer["step_times_s"]) == result["steps"] == 1
     # The peer shares the process: JAX does not preallocate the GPU's memory (unless set).
     assert result["jax_gpu_preallocate"] == os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -367,3 +370,31 @@ def test_time_steps_times_each_step_once(pipelined):
     np.testing.assert_array_equal(np.asarray(state), np.full(4, len(calls), np.float32))
     assert float(metrics["loss"]) == 4 * (len(calls) - 1)
     assert pipelined_timing("gpu") and pipelined_timing("tpu") and not pipelined_timing("cpu")
+
+
+def test_blocking_time_steps_runs_between_after_each_step_untimed():
+    """`between` (the interleaved peers on CPU) runs after each timed step, outside its span;
+    pipelined timing refuses it."""
+    import jax
+    import jax.numpy as jnp
+
+    from research.benchmark import time_steps
+
+    order = []
+    jitted = jax.jit(lambda state, batch: (state + batch, {"loss": jnp.sum(state)}))
+    jax.block_until_ready(jitted(jnp.zeros(2), jnp.ones(2)))  # compiled before the timed steps
+
+    def step(state, batch):
+        order.append("ours")
+        return jitted(state, batch)
+
+    def between():
+        order.append("peer")
+        time.sleep(0.2)
+
+    state, _, times = time_steps(step, jnp.zeros(2), jnp.ones(2), 3, between=between)
+    assert order == ["ours", "peer"] * 3
+    assert len(times) == 3 and max(times) < 0.2  # the peer's sleep is not in our step time
+    np.testing.assert_array_equal(np.asarray(state), [3.0, 3.0])
+    with pytest.raises(ValueError, match="blocking"):
+        time_steps(step, jnp.zeros(2), jnp.ones(2), 1, pipelined=True, between=between)

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from research.errors import ConfigError
 from research.models.attention_cudnn import cudnn_attention, dropout_seed
-from research.models.attention_select import query_blocks, select_impl
+from research.models.attention_select import heads_major, query_blocks, select_impl
 from research.models.attention_splash import splash_attention
 from research.models.layers import Dropout, Projection, constrain
 from research.models.transformer_config import TransformerConfig
@@ -109,10 +109,10 @@ def check_attention_backend(impl: str | None) -> None:
 
 def softmax_attention(q: Array, k: Array, v: Array, mask: Array,
                       dropout: Callable[[Array], Array] | None = None, *,
-                      heads_major: bool = False) -> Array:
+                      heads_major: bool = False, queries_heads_major: bool = False) -> Array:
     """softmax(q k^T / sqrt(H), masked) v, with einsums. q [B,T,N,H], k/v [B,S,K,H] (N a multiple
-    of K: grouped KV heads; with `heads_major` k/v are [B,K,S,H], the KV cache's layout), mask
-    bool[B,1,T,S] -> [B,T,N,H].
+    of K: grouped KV heads; with `heads_major` k/v are [B,K,S,H], the KV cache's layout; with
+    `queries_heads_major` q and the result are [B,N,T,H]), mask bool[B,1,T,S] -> [B,T,N,H].
 
     The same computation as jax.nn.dot_product_attention's XLA implementation: scores
     accumulated in float32, scaled, masked with -0.7 * float32 max, float32 softmax,
@@ -121,33 +121,56 @@ def softmax_attention(q: Array, k: Array, v: Array, mask: Array,
     groups when there is one per KV head: on XLA:CPU that size-1 axis costs transposes of
     [B,N,T,S] tensors (gpt_small train step 4.42 -> 4.29 s on the 2-core CPU).
     """
-    b, t, n, h = q.shape
+    if queries_heads_major:
+        b, n, t, h = q.shape
+    else:
+        b, t, n, h = q.shape
     kv = k.shape[1 if heads_major else 2]
     middle = "ns" if heads_major else "sn"  # the key/value operand's head and position axes
-    if kv == n:
-        qk, pv = f"btnh,b{middle}h->bnts", f"bnts,b{middle}h->btnh"
-    else:  # N = K x G: [B,T,K,G,H] queries, scores [B,K,G,T,S]
+    query = "bnth" if queries_heads_major else "btnh"
+    if kv != n:  # N = K x G: [B,T,K,G,H] (or [B,K,G,T,H]) queries, scores [B,K,G,T,S]
         middle = middle.replace("n", "k")
-        qk, pv = f"btkgh,b{middle}h->bkgts", f"bkgts,b{middle}h->btkgh"
-        q = q.reshape(b, t, kv, n // kv, h)
+        query = query.replace("n", "kg")
+        q = q.reshape((b, kv, n // kv, t, h) if queries_heads_major else (b, t, kv, n // kv, h))
         mask = mask[:, :, None]
-    scores = jnp.einsum(qk, q, k, preferred_element_type=jnp.float32)
+    scores_axes = "bnts" if kv == n else "bkgts"
+    scores = jnp.einsum(f"{query},b{middle}h->{scores_axes}", q, k,
+                        preferred_element_type=jnp.float32)
     scores = scores * jnp.asarray(1.0 / h ** 0.5, jnp.float32)
     scores = jnp.where(mask, scores, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, jnp.float32))
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout is not None:
         probs = dropout(probs)
-    return jnp.einsum(pv, probs.astype(v.dtype), v).reshape(b, t, n, h)
+    out = jnp.einsum(f"{scores_axes},b{middle}h->{query}", probs.astype(v.dtype), v)
+    return out.reshape((b, n, t, h) if queries_heads_major else (b, t, n, h))
+
+
+def heads_major_attention(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1,
+                          dropout: Callable[[Array], Array] | None = None) -> Array:
+    """`softmax_attention` computed with every operand heads-major: q, k and v are taken to
+    [B,N,T,H] / [B,K,S,H] once, so each head's products read contiguous [T,H] / [S,H] tiles,
+    and the result comes back as [B,T,N,H]. The CPU's layout (`attention_select.heads_major`).
+
+    `blocks` > 1 (causal self-attention, T == S): `blocks` query blocks, block i attending only
+    the keys up to its last query. That skips the all-masked key blocks above the diagonal,
+    (blocks - 1) / (2 blocks) of the score work (37.5% at 4 blocks; gpt_small train step 4.37 ->
+    4.06 s on the 2-core CPU). The result is the unblocked one: a masked key's softmax weight is
+    exactly 0 there. Shapes as in `softmax_attention`.
+    """
+    t = q.shape[1]
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    bounds = sorted({round(i * t / blocks) for i in range(blocks + 1)})
+    outs = [softmax_attention(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi],
+                              mask[:, :, lo:hi, :hi], dropout, heads_major=True,
+                              queries_heads_major=True)
+            for lo, hi in zip(bounds, bounds[1:])]
+    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
 
 def causal_blocked_attention(q: Array, k: Array, v: Array, mask: Array, blocks: int,
                              dropout: Callable[[Array], Array] | None = None) -> Array:
-    """`softmax_attention` for causal self-attention (T == S) in `blocks` query blocks, block i
-    attending only the keys up to its last query. Skips the all-masked key blocks above the
-    diagonal, (blocks - 1) / (2 blocks) of the score work (37.5% at 4 blocks; gpt_small train
-    step 4.37 -> 4.06 s on the 2-core CPU). The result is the unblocked one: a masked key's
-    softmax weight is exactly 0 there. Shapes as in `softmax_attention`.
-    """
+    """`softmax_attention` for causal self-attention (T == S) in `blocks` query blocks (see
+    `heads_major_attention`), operands kept in the token-major [B,T,N,H] layout."""
     t = q.shape[1]
     bounds = sorted({round(i * t / blocks) for i in range(blocks + 1)})
     outs = [softmax_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, :, lo:hi, :hi], dropout)
@@ -233,8 +256,10 @@ class Attention(nn.Module):
             if decode:
                 key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
             return jax.nn.dot_product_attention(q, key, value, mask=mask, implementation="xla")
-        blocks = query_blocks(cfg)
-        if cfg.causal and not decode and blocks > 1:
+        blocks = query_blocks(cfg) if cfg.causal and not decode else 1
+        if not decode and heads_major():
+            return heads_major_attention(q, key, value, mask, blocks, dropout)
+        if blocks > 1:
             return causal_blocked_attention(q, key, value, mask, blocks, dropout)
         return softmax_attention(q, key, value, mask, dropout, heads_major=decode)
 
