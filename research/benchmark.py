@@ -174,7 +174,8 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int,
     """Builds the run as research.train does, times its train step on synthetic batches;
     `profile` traces its window of the timed steps. `interleave(cfg, objective)`, called after
     our warm-up, returns what runs after each of our timed steps, outside its timed span (the
-    peers' steps, on CPU: see `main`)."""
+    peers' steps, on CPU: see `main`); the peak memory is then read before the peers are built
+    (after at least one step of ours)."""
     import jax
 
     from research.models.transformer import count_params
@@ -206,7 +207,14 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int,
         for _ in range(warmup):
             state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics) if warmup else state)
-        between = interleave(cfg, setup.objective) if interleave is not None else None
+        between = None
+        if interleave is not None:
+            # Our memory before the peers', which would share a process max RSS with ours.
+            if not warmup:
+                state, metrics = compiled(state, batch)
+                jax.block_until_ready((state, metrics))
+            ours_memory = peak_memory_bytes(device)
+            between = interleave(cfg, setup.objective)
         state, metrics, times = time_steps(compiled, state, batch, steps, profile,
                                            pipelined=pipelined_timing(), between=between)
     loss = jax.device_get(metrics["loss"])
@@ -216,7 +224,7 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int,
     peak = max(peak, peak_before)
     step_time = float(np.median(times))
     model_flops = setup.objective.training_flops(cfg, batch_size, seq_len)
-    memory, memory_source = peak_memory_bytes(device)
+    memory, memory_source = peak_memory_bytes(device) if interleave is None else ours_memory
     tokens = batch_size * seq_len
     return {
         "objective": setup.objective.name, "num_layers": cfg.num_layers, "d_model": cfg.d_model,
@@ -360,26 +368,6 @@ def print_result(result: dict, cfg: Any) -> None:
           f"({result['peak_memory_source']})")
 
 
-def compare(result: dict, peer_name: str, peer: dict, steps: int) -> None:
-    """Prints the peer's timed run `peer` next to ours and adds it to `peers` (with its MFU:
-    our model FLOPs per step / its step time / our per-device peak, and our tokens/s over its);
-    the first peer is also `compare` (and `compare_ratio`), the README table's peer."""
-    peer["mfu"] = (result["model_flops_per_step"] / peer["step_time_s"]
-                   / result["peak_flops_per_device"])
-    ratio = result["tokens_per_sec"] / peer["tokens_per_sec"]
-    print(f"{peer_name}: {benchmark_peer.describe(peer)}")
-    warm = (f"; warm-up {peer['warmup']} step(s) {peer['warmup_s']:.1f} s, compilation included"
-            if peer["compiled"] else "")
-    print(f"{peer_name}: step {peer['step_time_s'] * 1e3:.1f} ms (median of {steps}), "
-          f"{peer['tokens_per_sec']:.1f} tokens/s, MFU {100 * peer['mfu']:.1f}% (same model "
-          f"FLOPs and peak as ours){warm}")
-    print(f"ours / {peer_name} tokens/s: {ratio:.2f}x")
-    entry = {"peer": peer_name, **peer, "ratio_tokens_per_sec": ratio}
-    result.setdefault("peers", {})[peer_name] = entry
-    if "compare" not in result:
-        result["compare"], result["compare_ratio"] = entry, ratio
-
-
 def _print_trace_summary(profile_dir: str) -> None:
     """Where the traced steps' device time went (research.trace_summary), top 15 kernels."""
     from research import trace_summary
@@ -449,21 +437,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_only == "alone":
             print(json.dumps(data))
             return 0
-    peers: dict[str, benchmark_peer.PeerRun] = {}
-
-    def interleave(cfg: Any, objective: Any) -> Callable[[], None]:
-        for name in args.compare:
-            peers[name] = benchmark_peer.prepare(cfg, objective, run["batch_size"],
-                                                 run["seq_len"], args.warmup,
-                                                 run["learning_rate"], args.seed, name)
-        return lambda: [peer.timed_step() for peer in peers.values()]
-
     # On CPU (blocking timing) the peers' steps alternate with ours, so a host that slows down
     # or speeds up during the run weighs on both sides alike; on an accelerator each side is
     # timed pipelined on its own, ours first.
+    peers = benchmark_peer.Peers(args.compare or [], run, args.steps, args.warmup, args.seed)
     interleaved = bool(args.compare) and not pipelined_timing()
     result = run_ours(run, args.steps, args.warmup, args.seed, profile,
-                      interleave=interleave if interleaved else None)
+                      interleave=peers.interleave if interleaved else None)
     cfg, objective = result.pop("_cfg"), result.pop("_objective")
     if profile is not None:
         result["profile"] = {"steps": list(args.profile_steps), "dir": args.profile_dir,
@@ -471,16 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     print_result(result, cfg)
     if profile is not None:
         _print_trace_summary(args.profile_dir)
-    for name in args.compare or []:
-        if interleaved:
-            peer = {**peers[name].result(), "interleaved": True}
-            benchmark_peer.release(name)
-        else:
-            peer = {**benchmark_peer.run_hf_torch(cfg, objective, run["batch_size"],
-                                                  run["seq_len"], args.steps, args.warmup,
-                                                  run["learning_rate"], args.seed, peer=name),
-                    "interleaved": False}
-        compare(result, name, peer, args.steps)
+    for name, peer in peers.results(cfg, objective):
+        benchmark_peer.report(result, name, peer, args.steps)
     if args.data_only:
         result.update(data)
         benchmark_data.add_ratio(result)

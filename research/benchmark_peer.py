@@ -31,7 +31,7 @@ import dataclasses
 import gc
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -195,6 +195,55 @@ class PeerRun:
         return {**self.info, "step_time_s": step_time,
                 "step_times_s": [float(t) for t in self.times],
                 "tokens_per_sec": self.tokens_per_step / step_time}
+
+
+class Peers:
+    """The --compare peers of one benchmark, in order. On CPU `interleave` builds them after our
+    warm-up and returns what steps each once, timed, between our timed steps; elsewhere
+    `results` runs each on its own after ours (`run_hf_torch`)."""
+
+    def __init__(self, names: list[str], run: dict, steps: int, warmup: int, seed: int):
+        self.names, self.run, self.steps, self.warmup, self.seed = names, run, steps, warmup, seed
+        self.prepared: dict[str, PeerRun] = {}
+
+    def interleave(self, cfg, objective) -> Callable[[], None]:
+        run = self.run
+        for name in self.names:
+            self.prepared[name] = prepare(cfg, objective, run["batch_size"], run["seq_len"],
+                                          self.warmup, run["learning_rate"], self.seed, name)
+        return lambda: [peer.timed_step() for peer in self.prepared.values()]
+
+    def results(self, cfg, objective) -> Iterator[tuple[str, dict]]:
+        """(name, the peer's timed run with `interleaved`) for each peer, in order."""
+        run = self.run
+        for name in self.names:
+            if name in self.prepared:
+                yield name, {**self.prepared.pop(name).result(), "interleaved": True}
+                release(name)
+            else:
+                yield name, {**run_hf_torch(cfg, objective, run["batch_size"], run["seq_len"],
+                                            self.steps, self.warmup, run["learning_rate"],
+                                            self.seed, peer=name), "interleaved": False}
+
+
+def report(result: dict, peer_name: str, peer: dict, steps: int) -> None:
+    """Prints the peer's timed run `peer` next to ours and adds it to `peers` (with its MFU:
+    our model FLOPs per step / its step time / our per-device peak, and our tokens/s over its);
+    the first peer is also `compare` (and `compare_ratio`), the README table's peer."""
+    peer["mfu"] = (result["model_flops_per_step"] / peer["step_time_s"]
+                   / result["peak_flops_per_device"])
+    ratio = result["tokens_per_sec"] / peer["tokens_per_sec"]
+    print(f"{peer_name}: {describe(peer)}")
+    warm = (f"; warm-up {peer['warmup']} step(s) {peer['warmup_s']:.1f} s, compilation included"
+            if peer["compiled"] else "")
+    print(f"{peer_name}: step {peer['step_time_s'] * 1e3:.1f} ms (median of {steps}), "
+          f"{peer['tokens_per_sec']:.1f} tokens/s, MFU {100 * peer['mfu']:.1f}% (same model "
+          f"FLOPs and peak as ours){warm}")
+    print(f"ours / {peer_name} tokens/s: {ratio:.2f}x")
+    entry = {"peer": peer_name, **peer, "ratio_tokens_per_sec": ratio}
+    result.setdefault("peers", {})[peer_name] = entry
+    if "compare" not in result:
+        result["compare"], result["compare_ratio"] = entry, ratio
 
 
 def run_hf_torch(cfg, objective, batch_size: int, seq_len: int, steps: int, warmup: int,

@@ -398,3 +398,21 @@ def test_blocking_time_steps_runs_between_after_each_step_untimed():
     np.testing.assert_array_equal(np.asarray(state), [3.0, 3.0])
     with pytest.raises(ValueError, match="blocking"):
         time_steps(step, jnp.zeros(2), jnp.ones(2), 1, pipelined=True, between=between)
+
+
+def test_peers_not_interleaved_run_each_on_its_own_after_ours(monkeypatch):
+    """On an accelerator (no `interleave` call) each peer runs on its own through
+    run_hf_torch, in the --compare order, flagged not interleaved."""
+    calls = []
+
+    def fake_run(cfg, objective, batch_size, seq_len, steps, warmup, lr, seed, peer):
+        calls.append((peer, batch_size, seq_len, steps, warmup, lr, seed))
+        return {"model": "M", "step_time_s": 1.0}
+
+    monkeypatch.setattr(benchmark_peer, "run_hf_torch", fake_run)
+    run = {"batch_size": 4, "seq_len": 16, "learning_rate": 1e-3}
+    peers = benchmark_peer.Peers(["hf_torch", "hf_torch_compile"], run, 3, 2, 7)
+    out = list(peers.results("cfg", "objective"))
+    assert [name for name, _ in out] == ["hf_torch", "hf_torch_compile"]
+    assert all(peer["interleaved"] is False and peer["model"] == "M" for _, peer in out)
+    assert calls == [("hf_torch", 4, 16, 3, 2, 1e-3, 7), ("hf_torch_compile", 4, 16, 3, 2, 1e-3, 7)]
