@@ -5,9 +5,10 @@ The same shapes as ours (layers, width, heads, MLP, vocabulary, batch, sequence,
 through transformers' GPT2LMHeadModel (causal LM) or BertForPreTraining (BERT pretraining),
 built from a config (nothing downloaded) with SDPA attention (attn_implementation="sdpa"):
 forward, backward, gradient clipping to norm 1 and an AdamW step, timed per step like ours
-(median). `prepare` builds and warms a peer up (`PeerRun`); on CPU research.benchmark times its
-steps between ours (`PeerRun.timed_step`), `run_hf_torch` times one on its own. (BertForPreTraining computes MLM logits at every position, ours only at the gathered
-ones; GPT2LMHeadModel's loss covers T - 1 positions.)
+(median). `prepare` builds and warms a peer up (`PeerRun`); on CPU research.benchmark times
+its steps between ours (`Peers`, `PeerRun.timed_step`), `run_hf_torch` times one on its own.
+(BertForPreTraining computes MLM logits at every position, ours only at the gathered ones;
+GPT2LMHeadModel's loss covers T - 1 positions.)
 
 Where torch.cuda.is_available() the peer runs on the GPU (cuda:0): float32 weights, the
 compute in our compute dtype through torch.autocast('cuda', dtype=bfloat16 / float16) when

@@ -324,10 +324,10 @@ def test_heads_major_layout_equals_token_major(causal, kv_heads, blocks, dropout
     heads_major_kernel = attention.heads_major_attention
     monkeypatch.setattr(attention, "heads_major_attention",
                         lambda *a: calls.append(1) or heads_major_kernel(*a))
-    assert attention.heads_major() and not attention.heads_major("gpu")
+    assert attention.einsum_heads_major() and not attention.einsum_heads_major("gpu")
     hm, g_hm = forward_and_grads(cfg, params, toks, seg, pos, **kw)
     assert calls, "the CPU did not take the heads-major kernel"
-    monkeypatch.setattr(attention, "heads_major", lambda: False)
+    monkeypatch.setattr(attention, "einsum_heads_major", lambda: False)
     tm, g_tm = forward_and_grads(cfg, params, toks, seg, pos, **kw)
     assert len(calls) == 1  # traced once, under the first jit only
     assert rel_err(hm, tm) < 1e-5

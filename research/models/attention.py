@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from research.errors import ConfigError
 from research.models.attention_cudnn import cudnn_attention, dropout_seed
-from research.models.attention_select import heads_major, query_blocks, select_impl
+from research.models.attention_select import einsum_heads_major, query_blocks, select_impl
 from research.models.attention_splash import splash_attention
 from research.models.layers import Dropout, Projection, constrain
 from research.models.transformer_config import TransformerConfig
@@ -149,7 +149,8 @@ def heads_major_attention(q: Array, k: Array, v: Array, mask: Array, blocks: int
                           dropout: Callable[[Array], Array] | None = None) -> Array:
     """`softmax_attention` computed with every operand heads-major: q, k and v are taken to
     [B,N,T,H] / [B,K,S,H] once, so each head's products read contiguous [T,H] / [S,H] tiles,
-    and the result comes back as [B,T,N,H]. The CPU's layout (`attention_select.heads_major`).
+    and the result comes back as [B,T,N,H]. The CPU's layout
+    (`attention_select.einsum_heads_major`).
 
     `blocks` > 1 (causal self-attention, T == S): `blocks` query blocks, block i attending only
     the keys up to its last query. That skips the all-masked key blocks above the diagonal,
@@ -257,7 +258,7 @@ class Attention(nn.Module):
                 key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
             return jax.nn.dot_product_attention(q, key, value, mask=mask, implementation="xla")
         blocks = query_blocks(cfg) if cfg.causal and not decode else 1
-        if not decode and heads_major():
+        if not decode and einsum_heads_major():
             return heads_major_attention(q, key, value, mask, blocks, dropout)
         if blocks > 1:
             return causal_blocked_attention(q, key, value, mask, blocks, dropout)

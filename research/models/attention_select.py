@@ -33,7 +33,7 @@ from research.models.transformer_config import TransformerConfig
 CPU_QUERY_BLOCKS = 4
 
 
-def heads_major(backend: str | None = None) -> bool:
+def einsum_heads_major(backend: str | None = None) -> bool:
     """Whether the einsum kernel computes training/prefill attention heads-major
     (`attention.heads_major_attention`): on CPU, where it was measured to help (in-process A/B
     on the 2-core CPU, dropout 0, medians of 6 steps: gpt_small 11.32 -> 11.07 s and 11.61 ->
