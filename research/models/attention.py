@@ -147,36 +147,37 @@ def softmax_attention(q: Array, k: Array, v: Array, mask: Array,
 
 def heads_major_attention(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1,
                           dropout: Callable[[Array], Array] | None = None) -> Array:
-    """`softmax_attention` computed with every operand heads-major: q, k and v are taken to
-    [B,N,T,H] / [B,K,S,H] once, so each head's products read contiguous [T,H] / [S,H] tiles,
-    and the result comes back as [B,T,N,H]. The CPU's layout
-    (`attention_select.einsum_heads_major`).
-
-    `blocks` > 1 (causal self-attention, T == S): `blocks` query blocks, block i attending only
-    the keys up to its last query. That skips the all-masked key blocks above the diagonal,
-    (blocks - 1) / (2 blocks) of the score work (37.5% at 4 blocks; gpt_small train step 4.37 ->
-    4.06 s on the 2-core CPU). The result is the unblocked one: a masked key's softmax weight is
-    exactly 0 there. Shapes as in `softmax_attention`.
-    """
-    t = q.shape[1]
+    """`causal_blocked_attention` (`blocks` 1: `softmax_attention`) with every operand
+    heads-major: q, k and v are taken to [B,N,T,H] / [B,K,S,H] once, so each head's products
+    read contiguous [T,H] / [S,H] tiles, and the result comes back as [B,T,N,H]. The CPU's
+    layout (`attention_select.einsum_heads_major`). Shapes as in `softmax_attention`."""
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-    bounds = sorted({round(i * t / blocks) for i in range(blocks + 1)})
-    outs = [softmax_attention(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi],
-                              mask[:, :, lo:hi, :hi], dropout, heads_major=True,
-                              queries_heads_major=True)
-            for lo, hi in zip(bounds, bounds[1:])]
-    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
+    out = causal_blocked_attention(q, k, v, mask, blocks, dropout, heads_major=True)
+    return out.transpose(0, 2, 1, 3)
 
 
 def causal_blocked_attention(q: Array, k: Array, v: Array, mask: Array, blocks: int,
-                             dropout: Callable[[Array], Array] | None = None) -> Array:
-    """`softmax_attention` for causal self-attention (T == S) in `blocks` query blocks (see
-    `heads_major_attention`), operands kept in the token-major [B,T,N,H] layout."""
-    t = q.shape[1]
+                             dropout: Callable[[Array], Array] | None = None, *,
+                             heads_major: bool = False) -> Array:
+    """`softmax_attention` for causal self-attention (T == S) in `blocks` query blocks, block i
+    attending only the keys up to its last query. Skips the all-masked key blocks above the
+    diagonal, (blocks - 1) / (2 blocks) of the score work (37.5% at 4 blocks; gpt_small train
+    step 4.37 -> 4.06 s on the 2-core CPU). The result is the unblocked one: a masked key's
+    softmax weight is exactly 0 there. One block is `softmax_attention` itself, for any mask.
+    Shapes as in `softmax_attention`; with `heads_major` q, k, v and the result are all
+    heads-major ([B,N,T,H] / [B,K,S,H])."""
+    axis = 2 if heads_major else 1  # the position axis
+
+    def positions(x: Array, lo: int, hi: int) -> Array:
+        return jax.lax.slice_in_dim(x, lo, hi, axis=axis)
+
+    t = q.shape[axis]
     bounds = sorted({round(i * t / blocks) for i in range(blocks + 1)})
-    outs = [softmax_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, :, lo:hi, :hi], dropout)
+    outs = [softmax_attention(positions(q, lo, hi), positions(k, 0, hi), positions(v, 0, hi),
+                              mask[:, :, lo:hi, :hi], dropout, heads_major=heads_major,
+                              queries_heads_major=heads_major)
             for lo, hi in zip(bounds, bounds[1:])]
-    return jnp.concatenate(outs, axis=1)
+    return jnp.concatenate(outs, axis=axis)
 
 
 class Attention(nn.Module):
