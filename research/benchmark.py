@@ -245,6 +245,7 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int,
         "peak_memory_bytes": memory, "peak_memory_source": memory_source,
         "compile_time_s": compile_s, "host_malloc_hugepages": hugepages.active(),
         "jax_gpu_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "final_loss": float(loss[0]) / max(float(loss[1]), 1e-12),
         "_cfg": cfg, "_objective": setup.objective,
     }

@@ -19,6 +19,7 @@ from research.models import attention, attention_cudnn
 from research.models.attention import attention_mask, softmax_attention
 from research.models.attention_select import query_blocks, select_impl
 from research.models.transformer import TransformerConfig, TransformerStack
+from research.training import hugepages
 
 ON_GPU = attention_cudnn.cuda_available()  # run them with JAX_PLATFORMS=cuda (conftest picks cpu)
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="cuDNN attention runs only on NVIDIA GPUs "
@@ -84,7 +85,10 @@ for case, model, flags, platforms, switch in [
         ("gpt", "gpt_small", "--xla_force_host_platform_device_count=2", "", True),
         ("user_flag", "bert_base", "--xla_gpu_enable_command_buffer=FUSION", "", True),
         ("cpu", "bert_base", "--xla_force_host_platform_device_count=2", "cpu", True),
-        ("switched_off", "bert_base", "--xla_force_host_platform_device_count=2", "", False)]:
+        ("switched_off", "bert_base", "--xla_force_host_platform_device_count=2", "", False),
+        ("gpu", "gpt_small", "--xla_force_host_platform_device_count=2", "cuda", True),
+        ("user_cpu_flag", "gpt_small", "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+         "", True)]:
     gin.clear_config()
     os.environ["XLA_FLAGS"] = flags
     jax.config.update("jax_platforms", platforms or None)
@@ -92,16 +96,19 @@ for case, model, flags, platforms, switch in [
     config.parse_gin([f"configs/models/{model}.gin"], [])
     results[case] = [config.prepare_backend_flags(), os.environ["XLA_FLAGS"]]
 jax.config.update("jax_platforms", "cpu")
-results["late"] = [attention_cudnn.prepare_xla_flags(0.1) if jax.devices() else None]
+os.environ["XLA_FLAGS"] = ""
+results["late"] = [attention_cudnn.prepare_xla_flags(0.1) if jax.devices() else None,
+                   config.prepare_cpu_xla_flags(), os.environ["XLA_FLAGS"]]
 print(json.dumps(results))
 """
 
 
-def test_training_clis_keep_cudnn_out_of_graphs_when_attention_dropout_is_configured():
+def test_training_clis_set_backend_flags_before_jax_starts():
     """research.config.prepare_backend_flags (called by research.train and research.benchmark
-    after the gin files, before JAX starts) adds the flag only for attention dropout, never over
-    the user's own command-buffer flag, not when JAX is set to the CPU or the switch is off, and
-    not once the backend has started."""
+    after the gin files, before JAX starts) keeps cuDNN out of CUDA graphs only for attention
+    dropout, never over the user's own command-buffer flag, not when JAX is set to the CPU or
+    the switch is off; on the CPU backend it turns XLA:CPU's concurrency-optimized scheduler off
+    unless the user set that flag; and it changes nothing once the backend has started."""
     import json
     import os
     import subprocess
@@ -113,12 +120,18 @@ def test_training_clis_keep_cudnn_out_of_graphs_when_attention_dropout_is_config
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     base = "--xla_force_host_platform_device_count=2"
-    assert results == {"bert": [True, f"{base} {CUDNN_OUT_OF_GRAPHS}"],
-                       "gpt": [False, base],
-                       "user_flag": [False, "--xla_gpu_enable_command_buffer=FUSION"],
-                       "cpu": [False, base],
-                       "switched_off": [False, base],
-                       "late": [False]}
+    cpu = " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    # JAX_PLATFORMS unset: the CPU unless a GPU/TPU device node exists (then no CPU flag).
+    unset = "" if hugepages.uses_accelerator({}) else cpu
+    assert results == {"bert": [True, f"{base} {CUDNN_OUT_OF_GRAPHS}{unset}"],
+                       "gpt": [bool(unset), f"{base}{unset}"],
+                       "user_flag": [bool(unset), f"--xla_gpu_enable_command_buffer=FUSION{unset}"],
+                       "cpu": [True, f"{base}{cpu}"],
+                       "switched_off": [bool(unset), f"{base}{unset}"],
+                       "gpu": [False, base],
+                       "user_cpu_flag": [False,
+                                         "--xla_cpu_enable_concurrency_optimized_scheduler=true"],
+                       "late": [False, False, ""]}
 
 
 def test_cudnn_dropout_switch_sends_attention_dropout_to_cudnn(monkeypatch):
