@@ -18,6 +18,9 @@ Like research.train it re-executes itself once with huge-page malloc on Linux
 (research/training/hugepages.py; RESEARCH_HUGEPAGES=0 turns it off); the JSON says which
 (`host_malloc_hugepages`). So that this happens before JAX is loaded, JAX, torch and the
 research modules that import JAX are imported inside the functions that use them.
+On the CPU it runs with --xla_cpu_enable_concurrency_optimized_scheduler=false, as
+research.train does (research.config.prepare_cpu_xla_flags); the JSON's `xla_flags` has the
+XLA_FLAGS it ran with.
 
 MFU peak (`device_peak_flops`; the JSON's peak_flops_source says which was used): on GPU/TPU
 the dense matmul peak of the accelerator for the compute dtype: the bf16 table below for
@@ -238,8 +241,7 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int,
         "step_time_min_s": float(np.min(times)), "step_time_mean_s": float(np.mean(times)),
         "step_times_s": [float(t) for t in times], "tokens_per_sec": tokens / step_time,
         "tokens_per_sec_per_device": tokens / step_time / n_dev,
-        "model_flops_per_step": model_flops,
-        "model_flops_per_sec": model_flops / step_time,
+        "model_flops_per_step": model_flops, "model_flops_per_sec": model_flops / step_time,
         "peak_flops_per_device": peak, "peak_flops_source": peak_source,
         "mfu": model_flops / step_time / (peak * n_dev),
         "peak_memory_bytes": memory, "peak_memory_source": memory_source,
