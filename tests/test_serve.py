@@ -458,7 +458,7 @@ def test_a_client_that_disconnects_frees_its_slot(lm_server, stream):
     """A raw socket sends a long completion (32 choices on 2 slots) and closes once it runs
     (its first chunk came, or /health shows it in the engine): its choices are cancelled and
     the slots freed."""
-    url, _ = lm_server
+    url, lm_child = lm_server
     before = metric_values(url)
     body = json.dumps({"prompt": "It is", "max_tokens": MAX_LEN - 4, "n": 32,
                        "stream": stream}).encode()
@@ -479,7 +479,8 @@ def test_a_client_that_disconnects_frees_its_slot(lm_server, stream):
                 if stats["active"] + stats["queued"] > 0:
                     break
                 if select.select([sock], [], [], 0)[0]:
-                    pytest.fail(f"answered before the disconnect: {sock.recv(65536)!r}")
+                    pytest.fail(f"answered before the disconnect: {sock.recv(65536)[:600]!r}\n"
+                                + lm_child.report())
                 assert time.monotonic() < deadline, stats
                 time.sleep(0.005)
     deadline = time.monotonic() + TIMEOUT  # a loaded machine (xdist) notices a closed socket late

@@ -156,6 +156,28 @@ def test_candidate_filter_equals_the_full_sort_and_draws_follow_softmax():
     np.testing.assert_allclose(np.bincount(np.asarray(draws), minlength=6) / n, probs, atol=0.015)
 
 
+def test_gumbel_noise_is_finite_for_every_bit_pattern_so_padding_ids_are_never_drawn():
+    """The extreme hash outputs give uniforms strictly inside (0, 1), hence finite noise: with
+    24 bits the largest rounded to 1.0, its noise was +inf, and a vocabulary-padding id at -inf
+    became NaN, which argmax took (a served request then failed decoding an id past the
+    tokenizer's vocabulary, about once in 150 requests of 32 x 28 draws)."""
+    bits = np.array([0, 1, 511, 512, 2 ** 31, 2 ** 32 - 512, 2 ** 32 - 2, 2 ** 32 - 1], np.uint32)
+    uniform = np.asarray(jax.jit(slots.open_uniform)(bits))
+    assert (uniform > 0).all() and (uniform < 1).all()
+    np.testing.assert_array_equal(uniform, ((bits >> 9) + 0.5) * 2.0 ** -23)  # exact
+    noise = -np.log(-np.log(uniform))
+    assert np.isfinite(noise).all()
+    # A masked id (-inf) stays undrawable even where its noise is the largest there is.
+    row = np.array([0.0, -np.inf], np.float32) + np.array([noise.min(), noise.max()], np.float32)
+    assert np.argmax(row) == 0
+    # 2^20 draws: finite, their uniforms mean 1/2 and the noise Euler's gamma (5 sigma).
+    many = np.asarray(jax.jit(slots.gumbel_noise, static_argnums=2)(
+        np.arange(64, dtype=np.uint32), np.zeros(64, np.int32), 2 ** 14)).astype(np.float64)
+    assert np.isfinite(many).all()
+    assert abs(np.exp(-np.exp(-many)).mean() - 0.5) < 5 * (12 * 2 ** 20) ** -0.5
+    assert abs(many.mean() - np.euler_gamma) < 5 * (np.pi ** 2 / 6 / 2 ** 20) ** 0.5
+
+
 # ---- outputs ---------------------------------------------------------------------------------
 
 

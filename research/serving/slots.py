@@ -81,8 +81,15 @@ def gumbel_noise(seed: Array, count: Array, vocab: int) -> Array:
     several times cheaper per step at a 50k vocabulary and faster to compile.)"""
     row = _mix(_mix(seed.astype(jnp.uint32)) ^ (count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)))
     bits = _mix(_mix(row[:, None] ^ jnp.arange(vocab, dtype=jnp.uint32)[None]) + row[:, None])
-    uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * jnp.float32(2.0 ** -24)  # in (0, 1)
-    return -jnp.log(-jnp.log(uniform))
+    return -jnp.log(-jnp.log(open_uniform(bits)))
+
+
+def open_uniform(bits: Array) -> Array:
+    """float32 uniforms strictly inside (0, 1) from uint32 bits: the top 23 bits, centred in
+    their interval, so (k + 0.5) 2^-23 for k < 2^23: 2^-24 ... 1 - 2^-24, all exact in float32.
+    (24 bits would round the largest, 1 - 2^-25, up to 1.0, whose Gumbel noise is +inf: a
+    vocabulary-padding id at -inf then sums to NaN, which argmax picks.)"""
+    return ((bits >> 9).astype(jnp.float32) + 0.5) * jnp.float32(2.0 ** -23)
 
 
 FILTER_CANDIDATES = 64  # top-k / top-p look at this many best tokens first (no full sort)
