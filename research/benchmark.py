@@ -18,9 +18,9 @@ Like research.train it re-executes itself once with huge-page malloc on Linux
 (research/training/hugepages.py; RESEARCH_HUGEPAGES=0 turns it off); the JSON says which
 (`host_malloc_hugepages`). So that this happens before JAX is loaded, JAX, torch and the
 research modules that import JAX are imported inside the functions that use them.
-On the CPU it runs with --xla_cpu_enable_concurrency_optimized_scheduler=false and
---xla_cpu_experimental_ynn_fusion_type= (Eigen's dots), as research.train does
-(research.config.prepare_cpu_xla_flags); the JSON's `xla_flags` has the XLA_FLAGS it ran with.
+On the CPU it runs with --xla_cpu_enable_concurrency_optimized_scheduler=false, as
+research.train does (research.config.prepare_cpu_xla_flags); the JSON's `xla_flags` has the
+XLA_FLAGS it ran with.
 
 MFU peak (`device_peak_flops`; the JSON's peak_flops_source says which was used): on GPU/TPU
 the dense matmul peak of the accelerator for the compute dtype: the bf16 table below for

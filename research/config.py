@@ -166,7 +166,7 @@ def prepare_backend_flags() -> bool:
     """After parse_gin, before JAX starts its backend: the XLA flags the configured model needs
     on an accelerator (with attention dropout bound in gin, cuDNN's kernels kept out of CUDA
     graphs so that the dropout runs inside them: `attention_cudnn.prepare_xla_flags`) and the
-    CPU backend's flags (`prepare_cpu_xla_flags`). Returns whether XLA_FLAGS changed."""
+    CPU backend's scheduler (`prepare_cpu_xla_flags`). Returns whether XLA_FLAGS changed."""
     import gin
     from research.models import attention_cudnn
     try:
@@ -177,44 +177,32 @@ def prepare_backend_flags() -> bool:
     return prepare_cpu_xla_flags() or cudnn
 
 
-CPU_XLA_FLAGS = {
-    # The default scheduler orders for concurrency: it starts independent work early (a
-    # layer's weight gradient beside its input gradient), which keeps more buffers alive.
-    "--xla_cpu_enable_concurrency_optimized_scheduler": "false",
-    # An empty list of YNNPACK fusion types: dots go to Eigen instead of YNNPACK.
-    "--xla_cpu_experimental_ynn_fusion_type": "",
-}
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 
 
 def prepare_cpu_xla_flags() -> bool:
-    """Before JAX starts its backend: adds CPU_XLA_FLAGS to XLA_FLAGS, each unless XLA_FLAGS
-    names it already (the user's value wins). Measured on the 2-core CPU, batch 8 x 256,
-    research.benchmark's steps in alternating processes, 5 steps each:
-    - the concurrency-optimized scheduler off (2026-11-27): peak memory 5.0 -> 4.5-4.7 GB;
-      kernel time per step (page faults of the step's temporaries) 1.7-2.2 -> 1.0-1.4 s;
-      bert_base median step 12.3 / 13.3 / 14.0 / 11.4 s -> 11.4 / 10.8 / 12.1 / 11.0 s (four
-      pairs, dropout 0 and 0.1); gpt_small 13.3 / 11.8 -> 11.8 / 12.5 s (within noise);
-    - Eigen's dots instead of YNNPACK's (2026-11-27, dropout 0): the attention's batched
-      `[256 x 64] x [64 x 256]` products 17-19 -> 13-15 ms each alone (one of five, P^T dO,
-      equal), the dense layers' 2048 x 768 x 3072 products equal or faster (106-122 -> 116-136
-      GFLOP/s); bert_base step 11.93 / 12.01 -> 11.60 / 11.24 s, gpt_small 11.56 / 12.30 -> 11.64 /
-      11.90 s (two pairs each, medians of 5).
-    Only for runs on the CPU backend (JAX's platforms name the CPU first, or are unset and no
-    GPU/TPU device node exists: `hugepages.uses_accelerator`), where they were measured;
-    nothing changes once the backend has started. Returns whether XLA_FLAGS changed."""
+    """Before JAX starts its backend: adds `--xla_cpu_enable_concurrency_optimized_scheduler=
+    false` to XLA_FLAGS. XLA:CPU's default scheduler orders a program for concurrency: it
+    starts independent work early (a layer's weight gradient beside its input gradient), which
+    keeps more buffers alive at once. On the 2-core CPU (2026-11-27, research.benchmark's steps
+    in alternating processes, 5 steps each, batch 8 x 256) the plain order gave: peak memory
+    5.0 -> 4.5-4.7 GB; kernel time per step (page faults of the step's temporaries) 1.7-2.2 ->
+    1.0-1.4 s; bert_base median step 12.3 / 13.3 / 14.0 / 11.4 s -> 11.4 / 10.8 / 12.1 /
+    11.0 s (four pairs, at dropout 0 and 0.1); gpt_small 13.3 / 11.8 -> 11.8 / 12.5 s (within
+    the host's noise). Only for runs on the CPU backend (JAX's platforms name the CPU first, or
+    are unset and no GPU/TPU device node exists: `hugepages.uses_accelerator`), where it was
+    measured. Nothing changes when XLA_FLAGS names the flag already or once the backend has
+    started. Returns whether XLA_FLAGS changed."""
     import jax
     from jax._src import xla_bridge
     from research.training import hugepages
     flags = os.environ.get("XLA_FLAGS", "")
     platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS") or ""
-    if (xla_bridge.backends_are_initialized()
+    if (CPU_SCHEDULER_FLAG in flags or xla_bridge.backends_are_initialized()
             or hugepages.uses_accelerator({"JAX_PLATFORMS": platforms})):
         return False
-    added = [f"{name}={value}" for name, value in CPU_XLA_FLAGS.items()
-             if not re.search(rf"(^|\s){re.escape(name)}(=|\s|$)", flags)]
-    if added:
-        os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
-    return bool(added)
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}=false".strip()
+    return True
 
 
 def _timeout(args: argparse.Namespace, flag: str, env: str, default: int) -> int:

@@ -20,9 +20,8 @@ protect its work (NaN/Inf loss, failed checkpoint save) with exit 1.
 On Linux the process re-executes itself once with huge-page malloc
 (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; ~1.6x faster CPU steps); RESEARCH_HUGEPAGES=0 turns
 that off (research/training/hugepages.py). CPU runs also get
---xla_cpu_enable_concurrency_optimized_scheduler=false (less memory per step) and
---xla_cpu_experimental_ynn_fusion_type= (Eigen's dots, faster attention products) in XLA_FLAGS,
-each unless XLA_FLAGS names it (research.config.prepare_cpu_xla_flags).
+--xla_cpu_enable_concurrency_optimized_scheduler=false in XLA_FLAGS unless XLA_FLAGS names that
+flag (less memory per step; research.config.prepare_cpu_xla_flags).
 """
 
 from __future__ import annotations

@@ -88,9 +88,7 @@ for case, model, flags, platforms, switch in [
         ("switched_off", "bert_base", "--xla_force_host_platform_device_count=2", "", False),
         ("gpu", "gpt_small", "--xla_force_host_platform_device_count=2", "cuda", True),
         ("user_cpu_flag", "gpt_small", "--xla_cpu_enable_concurrency_optimized_scheduler=true",
-         "", True),
-        ("user_ynn_flag", "gpt_small", "--xla_cpu_experimental_ynn_fusion_type=+dot", "cpu",
-         True)]:
+         "", True)]:
     gin.clear_config()
     os.environ["XLA_FLAGS"] = flags
     jax.config.update("jax_platforms", platforms or None)
@@ -109,9 +107,8 @@ def test_training_clis_set_backend_flags_before_jax_starts():
     """research.config.prepare_backend_flags (called by research.train and research.benchmark
     after the gin files, before JAX starts) keeps cuDNN out of CUDA graphs only for attention
     dropout, never over the user's own command-buffer flag, not when JAX is set to the CPU or
-    the switch is off; on the CPU backend it turns XLA:CPU's concurrency-optimized scheduler and
-    its YNNPACK dots off, each unless the user set that flag; and it changes nothing once the
-    backend has started."""
+    the switch is off; on the CPU backend it turns XLA:CPU's concurrency-optimized scheduler off
+    unless the user set that flag; and it changes nothing once the backend has started."""
     import json
     import os
     import subprocess
@@ -123,8 +120,7 @@ def test_training_clis_set_backend_flags_before_jax_starts():
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     base = "--xla_force_host_platform_device_count=2"
-    scheduler = " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-    cpu = f"{scheduler} --xla_cpu_experimental_ynn_fusion_type="
+    cpu = " --xla_cpu_enable_concurrency_optimized_scheduler=false"
     # JAX_PLATFORMS unset: the CPU unless a GPU/TPU device node exists (then no CPU flag).
     unset = "" if hugepages.uses_accelerator({}) else cpu
     assert results == {"bert": [True, f"{base} {CUDNN_OUT_OF_GRAPHS}{unset}"],
@@ -133,11 +129,8 @@ def test_training_clis_set_backend_flags_before_jax_starts():
                        "cpu": [True, f"{base}{cpu}"],
                        "switched_off": [bool(unset), f"{base}{unset}"],
                        "gpu": [False, base],
-                       "user_cpu_flag": [bool(unset),
-                                         "--xla_cpu_enable_concurrency_optimized_scheduler=true"
-                                         + unset.replace(scheduler, "")],
-                       "user_ynn_flag": [True,
-                                         f"--xla_cpu_experimental_ynn_fusion_type=+dot{scheduler}"],
+                       "user_cpu_flag": [False,
+                                         "--xla_cpu_enable_concurrency_optimized_scheduler=true"],
                        "late": [False, False, ""]}
 
 
