@@ -166,10 +166,7 @@ def test_gumbel_noise_is_finite_for_every_bit_pattern_so_padding_ids_are_never_d
     assert (uniform > 0).all() and (uniform < 1).all()
     np.testing.assert_array_equal(uniform, ((bits >> 9) + 0.5) * 2.0 ** -23)  # exact
     noise = -np.log(-np.log(uniform))
-    assert np.isfinite(noise).all()
-    # A masked id (-inf) stays undrawable even where its noise is the largest there is.
-    row = np.array([0.0, -np.inf], np.float32) + np.array([noise.min(), noise.max()], np.float32)
-    assert np.argmax(row) == 0
+    assert np.isfinite(noise).all()  # so a masked id (-inf) plus its noise stays -inf
     # 2^20 draws: finite, their uniforms mean 1/2 and the noise Euler's gamma (5 sigma).
     many = np.asarray(jax.jit(slots.gumbel_noise, static_argnums=2)(
         np.arange(64, dtype=np.uint32), np.zeros(64, np.int32), 2 ** 14)).astype(np.float64)
