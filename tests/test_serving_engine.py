@@ -447,6 +447,34 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(mp):
         eng.shutdown(timeout=TIMEOUT)
 
 
+def test_a_request_whose_detokenizer_raises_fails_alone(mp):
+    """A request whose own text cannot be made (its decode raises, as SentencePiece does on an
+    out-of-range id) ends with 'error' and frees its slot; the requests decoding beside it in
+    the same steps get exactly the tokens they get without it."""
+    poison = 99  # in the bad request's prompt; decoding it with any generated token raises
+
+    def decode(ids):
+        if poison in ids and len(ids) > len(bad_prompt):
+            raise IndexError("piece id is out of range")
+        return letters(ids)
+
+    bad_prompt = [2, poison, 5]
+    good = [(PROMPTS[0], SamplingParams(max_tokens=9, seed=3)),
+            (PROMPTS[2], SamplingParams(max_tokens=12, seed=4))]
+    eng = make_engine(mp, decode=decode)
+    eng.start()
+    try:
+        alone = [eng.submit(p, s).result(TIMEOUT) for p, s in good]
+        bad = eng.submit(bad_prompt, SamplingParams(max_tokens=12, seed=5))
+        beside = [eng.submit(p, s) for p, s in good]
+        assert bad.result(TIMEOUT)[2] == "error" and isinstance(bad.error, IndexError)
+        assert [h.result(TIMEOUT) for h in beside] == alone
+        assert [reason for _, _, reason in alone] == ["length", "length"]
+        assert eng.stats() == {"active": 0, "queued": 0, "capacity": 4}
+    finally:
+        eng.shutdown(timeout=TIMEOUT)
+
+
 def test_a_burst_is_admitted_before_the_next_decode_step_and_streams_per_prefill(mp):
     """One prompt per prefill call (prefill_tokens=16): a request that arrives during a
     prefill joins the next prefill, not after a decode step, and each call's first token is

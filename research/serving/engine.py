@@ -398,7 +398,21 @@ class Engine:
 
     def _advance(self, slot: int, handle: RequestHandle, tokens: list[int]) -> int:
         """Streams the tokens a slot generated (those past the request's end dropped); ends
-        the request when due. Returns how many tokens counted."""
+        the request when due. Returns how many tokens counted. If this request's own work
+        raises (its detokenizer, its stop strings), it alone ends with 'error' and frees its
+        slot: the other slots' requests and the device state are untouched."""
+        try:
+            return self._stream_tokens(slot, handle, tokens)
+        except Exception as err:  # noqa: BLE001 - one request's text must not fail the others
+            log.exception("serving engine could not stream a request's tokens; failing it")
+            handle.error = err
+            with self._lock:
+                if self._slots[slot] is handle:
+                    self._slots[slot] = None
+            self._finish(handle, "error")
+            return 0
+
+    def _stream_tokens(self, slot: int, handle: RequestHandle, tokens: list[int]) -> int:
         if handle.done():
             return 0
         room = handle.params.max_tokens - len(handle.token_ids)
