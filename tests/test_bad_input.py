@@ -22,7 +22,7 @@ from research.objectives.causal_lm import CausalLMObjective
 from research.training.loop import train
 from research.training.setup import build_setup
 
-from .conftest import ROOT, austen_paragraphs
+from .conftest import ROOT, austen_paragraphs, xla_flags
 from .test_error_path import assert_one_line_error, train_cli
 
 RUN = ROOT / "configs/runs/pretrain_causal.gin"
@@ -155,7 +155,7 @@ def test_resume_refuses_a_tokenizer_replaced_at_the_same_path(tmp_path, sp_model
             "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=32", "--gin.EVAL_DATA=None",
             "--gin.train.progress_bar=False", f"--gin.VOCAB='{vocab}'",
             "--gin.TRAIN_DATA='text:data/austen/persuasion.txt'", f"--workdir={workdir}"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]

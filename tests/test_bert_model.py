@@ -23,7 +23,7 @@ from research.objectives.losses import summarize
 from research.models.transformer import TransformerConfig, count_params
 from research.training.loop import build_setup, make_train_step
 
-from .conftest import ROOT, austen_paragraphs
+from .conftest import ROOT, austen_paragraphs, xla_flags
 
 BERT_SIZES = {"tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512),
               "base": (12, 768), "large": (24, 1024)}
@@ -366,7 +366,7 @@ def test_cli_pretrains_bert_tiny(tmp_path):
     """The shipped configs end to end on 8 CPU devices (the run config's MESH_SHAPE: data -1;
     the 3-axis mesh is covered in-process above)."""
     workdir = tmp_path / "bert"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     args = [
         "-m", "research.train", "--gin_file=configs/models/bert_tiny.gin",

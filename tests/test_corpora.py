@@ -22,7 +22,7 @@ import zstandard
 from research.data.mixture import MixtureSource, check_mixture, open_train_data
 from research.data.sources import DataSourceError, DocumentList, open_documents
 from research.errors import ConfigError, InvalidConfigError
-from tests.conftest import ROOT, austen_paragraphs
+from tests.conftest import ROOT, austen_paragraphs, xla_flags
 from tests.test_causal_lm_data import make, synthetic_docs, take
 
 # Documents with the cases a reader can get wrong: non-ASCII, inner newlines, JSON escapes.
@@ -285,7 +285,7 @@ def test_mixture_batches_are_identical_for_any_process_count_and_resume():
 # ------------------------------------------------------------------ through the CLI -------
 
 def train_cli(args, env_extra, timeout=300):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", RESEARCH_HUGEPAGES="0",
                **env_extra)
     return subprocess.run([sys.executable, "-m", "research.train",

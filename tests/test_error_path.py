@@ -24,7 +24,7 @@ from research.config import parse_gin
 from research.data.tokenizer import load_tokenizer
 from research.generate import load_for_generation
 
-from .conftest import ROOT
+from .conftest import ROOT, xla_flags
 
 MODEL = "--gin_file=configs/models/gpt_tiny.gin"
 RUN = "--gin_file=configs/runs/pretrain_causal.gin"
@@ -37,7 +37,7 @@ def run_cli(argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """`argv` from the repository root on 8 simulated CPU devices, without the huge-page
     re-exec (it only slows the start)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", RESEARCH_HUGEPAGES="0",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=xla_flags(8))
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -28,7 +28,7 @@ from research.evaluation.scoring import Scorer, bucket_lengths
 from research.generate import generate, load_for_generation
 from research.models.transformer import CausalLM, TransformerConfig
 
-from .conftest import ROOT, run_processes
+from .conftest import ROOT, run_processes, xla_flags
 
 VOCAB = str(ROOT / "data" / "tokenizers" / "austen_8k.model")
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "
@@ -202,7 +202,7 @@ def test_cli_runs_lm_eval_over_local_task_files(workdir, tmp_path):
     tasks = write_tasks(tmp_path)
     out = tmp_path / "res" / "results.json"
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-               HF_HOME=str(tmp_path / "hf"), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               HF_HOME=str(tmp_path / "hf"), XLA_FLAGS=xla_flags(2))
     [proc] = run_processes([[sys.executable, "-m", "research.evaluate", f"--workdir={workdir}",
                              "--tasks=tiny_mc,tiny_gen,tiny_ppl", f"--include_path={tasks}",
                              "--batch_size=4", "--num_fewshot=0", f"--output={out}",

@@ -22,7 +22,7 @@ from research.data.tokenizer import load_tokenizer
 from research.objectives.span_search import predict_answers
 from research.objectives.squad_metrics import normalize_answer, squad_scores
 
-from .conftest import ROOT
+from .conftest import ROOT, xla_flags
 
 AUSTEN_QA = ROOT / "data" / "austen_qa"
 
@@ -477,7 +477,7 @@ def synthetic_squad(path, n, seed):
                                                               "paragraphs": paragraphs}]}))
 
 
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+ENV = dict(os.environ, XLA_FLAGS=xla_flags(1),
            TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
 
 

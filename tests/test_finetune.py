@@ -16,9 +16,9 @@ import pytest
 
 from research import workdir as workdir_lib
 
-from .conftest import ROOT
+from .conftest import ROOT, xla_flags
 
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+ENV = dict(os.environ, XLA_FLAGS=xla_flags(8),
            TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
 
 

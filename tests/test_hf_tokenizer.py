@@ -32,7 +32,7 @@ from research.data.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from research.data.tokenizer_base import VocabError, VocabNotFoundError  # noqa: E402
 from research.data.wordpiece import WordPieceTokenizer  # noqa: E402
 from research.errors import ConfigError  # noqa: E402
-from tests.conftest import austen_paragraphs  # noqa: E402
+from tests.conftest import austen_paragraphs, xla_flags  # noqa: E402
 from tests.test_hf_convert import run_tool  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -251,7 +251,7 @@ def test_gpt2_import_then_generate_and_export(gpt2_tok_dir, tmp_path):
                                      n_positions=64, bos_token_id=0, eos_token_id=0)
     transformers.GPT2LMHeadModel(config).save_pretrained(str(hf_dir))
     env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
-           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
     run = lambda *cmd: subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env,  # noqa: E731
                                       capture_output=True, text=True, timeout=180)
     run_tool(f"--from_hf={hf_dir}", f"--to={tmp_path / 'ours'}")  # the CLI's main

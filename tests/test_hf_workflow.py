@@ -35,7 +35,7 @@ from research.data.tokenizer import load_tokenizer  # noqa: E402
 from research.data.tokenizer_base import VocabError  # noqa: E402
 from research.models.transformer import TransformerConfig  # noqa: E402
 from research.objectives.classification import ClassificationObjective  # noqa: E402
-from tests.conftest import ROOT, austen_paragraphs  # noqa: E402
+from tests.conftest import ROOT, austen_paragraphs, xla_flags  # noqa: E402
 from tests.test_hf_convert import run_tool  # noqa: E402
 from tests.test_hf_tokenizer import _byte_level_bpe  # noqa: E402
 
@@ -43,7 +43,7 @@ BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 SEQ_LEN, BATCH = 48, 4
 TIMEOUT = 300  # seconds per research.train process
 CLS_EPOCHS, CLS_BATCH = 6, 16  # 64 training sentences: 4 steps an epoch
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(), TF_CPP_MIN_LOG_LEVEL="3")
 
 
 @pytest.fixture(scope="module")

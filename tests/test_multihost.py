@@ -29,7 +29,7 @@ from research import errors
 from research import workdir as workdir_lib
 from research.data import causal_lm
 
-from .conftest import ROOT, ChildProcesses, run_processes
+from .conftest import ROOT, ChildProcesses, run_processes, xla_flags
 
 K = 2
 STEPS = 2 * K
@@ -66,7 +66,7 @@ def _command(workdir, *extra, mesh=MESH):
 
 def _env(devices):
     return dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                XLA_FLAGS=xla_flags(devices),
                 TF_CPP_MIN_LOG_LEVEL="3")
 
 

@@ -22,7 +22,7 @@ from research.data.multiple_choice import (MultipleChoiceIterator, encode_choice
 from research.data.tokenizer import load_tokenizer
 from research.objectives.multiple_choice import MultipleChoiceObjective
 
-from .conftest import ROOT
+from .conftest import ROOT, xla_flags
 
 AUSTEN_MC = ROOT / "data" / "austen_mc"
 
@@ -378,7 +378,7 @@ def test_cli_fine_tune_learns_easy_choices(tmp_path):
     dev_rows = animal_rows(64, 1)
     dev = write_jsonl(tmp_path / "dev.jsonl", dev_rows)
     workdir = tmp_path / "run"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     proc = subprocess.run(
         [sys.executable, "-m", "research.train", "--gin_file=configs/models/bert_tiny.gin",
          "--gin_file=configs/runs/finetune_multiple_choice.gin",

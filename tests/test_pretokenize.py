@@ -20,7 +20,8 @@ from research.data.tokenizer import load_tokenizer
 from research.data.tokens import (TokenFilesError, TokenSource, open_token_source,
                                   tokenizer_fingerprint)
 from research.errors import ConfigError
-from tests.conftest import ROOT, austen_paragraphs, env_without_hugepage_settings
+from tests.conftest import (ROOT, austen_paragraphs, env_without_hugepage_settings,
+                            xla_flags)
 
 VOCAB = str(ROOT / "data" / "tokenizers" / "austen_8k.model")
 TOOL = ROOT / "tools" / "pretokenize.py"
@@ -353,7 +354,7 @@ def test_a_different_vocab_is_refused_naming_both(token_dir, tmp_path):
 # ------------------------------------------------------------ benchmark --data_only
 
 def benchmark(*args):
-    env = env_without_hugepage_settings(XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = env_without_hugepage_settings(XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "research.benchmark",
                            "--gin_file=configs/models/gpt_tiny.gin",
                            "--gin_file=configs/runs/pretrain_causal.gin", "--gin.BATCH_SIZE=4",
@@ -396,7 +397,7 @@ def test_benchmark_data_only_with_step_prints_the_ratio():
 
 def test_training_with_another_vocab_is_one_error_line(token_dir, sp_model, tmp_path):
     """research.train refuses tokens:DIR with a VOCAB of another fingerprint, naming both."""
-    env = env_without_hugepage_settings(XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = env_without_hugepage_settings(XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "research.train", "--gin_file=configs/models/gpt_tiny.gin",
          "--gin_file=configs/runs/pretrain_causal.gin", "--gin.TRAIN_STEPS=2",

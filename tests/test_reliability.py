@@ -21,7 +21,7 @@ from research import workdir as workdir_lib
 from research.training import preemption
 from research.config import parse_gin
 
-from .conftest import ROOT, run_processes
+from .conftest import ROOT, run_processes, xla_flags
 
 STEPS = 60
 BASE_ARGS = [
@@ -38,7 +38,7 @@ FAST = ["--gin.train.eval_every=1000", "--gin.train.eval_steps=1"]
 
 
 def _env():
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    return dict(os.environ, XLA_FLAGS=xla_flags(2),
                 TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
 
 

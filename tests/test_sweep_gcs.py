@@ -28,7 +28,7 @@ from research.sweep.status import print_status
 from research.sweep.trial_state import effective_status, trainer_alive
 from research.workdir import WorkdirLock, read_metrics
 
-from .conftest import ROOT
+from .conftest import ROOT, xla_flags
 
 # The fake research.train: MODE=ok finishes, fail exits 3 after some output, sync prints a
 # line and finishes only once that line is readable in ROOT/<trial>/train.log on the store
@@ -260,7 +260,7 @@ def test_two_trial_sweep_through_research_train_on_gcs(gcs, tmp_path, capsys):
     gs:// root print the same tables as of a local copy of it."""
     # The real cache home (a fresh one would make each trainer rebuild matplotlib's font
     # cache); the sweep's staging directory is removed at the end.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1),
                JAX_PLATFORMS="cpu")
     root = f"{gcs}/e2e"
     run = [sys.executable, "-m", "research.sweep", "run", *TRAIN_ARGS, f"--root={root}"]

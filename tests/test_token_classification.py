@@ -24,7 +24,7 @@ from research.data.tokenizer import load_tokenizer
 from research.objectives.seqeval_metrics import entity_scores, get_entities, is_entity_scheme
 from research.objectives.token_classification import TokenClassificationObjective
 
-from .conftest import ROOT
+from .conftest import ROOT, xla_flags
 
 CHUNKS = ROOT / "data" / "conll2000_chunking"
 
@@ -341,7 +341,7 @@ def test_cli_fine_tune_on_chunking_learns(tmp_path):
     always-the-majority-label (I-NP, 0.36) and a real chunk F1; test predictions have one
     label per visible word. (Measured: accuracy 0.84, F1 0.70 at step 40.)"""
     workdir = tmp_path / "run"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     train = f"conll:{CHUNKS}/train.conll"
     proc = subprocess.run(
         [sys.executable, "-m", "research.train", "--gin_file=configs/models/bert_tiny.gin",

@@ -24,7 +24,7 @@ from research.training.run_config import EXAMPLES, MACROS, RunConfig, Schedule
 from research.training.setup import build_setup, check_batch_size
 from research.training.steps import make_train_step
 
-from .conftest import ROOT, austen_paragraphs
+from .conftest import ROOT, austen_paragraphs, xla_flags
 
 TINY = TransformerConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
                          max_len=64, dropout_rate=0.1, vocab_multiple=8)
@@ -143,7 +143,7 @@ def test_user_mistakes_in_the_loop_are_config_errors(tmp_path, sp_model):
 # ----------------------------------------------------------------- CLI end to end ----------
 
 def cli(args, cwd=ROOT, timeout=600):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -256,7 +256,7 @@ print("compiled")
 def test_no_involuntary_rematerialization_on_a_3_axis_mesh(model, run):
     """GSPMD replicates a tensor it cannot reshard ("Involuntary full rematerialization"); the
     embedding lookups used to trigger it on data x fsdp x tensor meshes (10 times for BERT)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                TF_CPP_MIN_LOG_LEVEL="0", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", _COMPILE_ON_3_AXIS_MESH.format(model=model, run=run)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

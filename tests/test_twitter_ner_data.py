@@ -18,7 +18,7 @@ import pytest
 from research.data.conll import load_conll
 from research.objectives.seqeval_metrics import get_entities, is_entity_scheme
 
-from .conftest import ROOT
+from .conftest import ROOT, xla_flags
 
 NER = ROOT / "data" / "twitter_ner"
 TYPES = ["company", "facility", "geo-loc", "movie", "musicartist", "other", "person", "product",
@@ -85,7 +85,7 @@ def test_cli_fine_tune_on_bundled_tweets_learns(tmp_path):
     data = tmp_path / "tweets.conll"
     data.write_text("\n\n".join(chosen) + "\n", encoding="utf-8")
     workdir = tmp_path / "run"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     proc = subprocess.run(
         [sys.executable, "-m", "research.train", "--gin_file=configs/models/bert_tiny.gin",
          "--gin_file=configs/runs/finetune_token_classification.gin",

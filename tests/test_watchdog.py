@@ -17,7 +17,7 @@ import pytest
 from research.errors import HangError, InvalidConfigError
 from research.training import watchdog as wd
 
-from .conftest import ROOT, ChildProcesses
+from .conftest import ROOT, ChildProcesses, xla_flags
 
 
 class FakeClock:
@@ -210,7 +210,7 @@ def env(cache_dir, sleep_at=None):
     without. The runs share a JAX compilation cache in `cache_dir`: the resumed run loads the
     executables the first runs compiled (the same programs, so the same bits) instead of
     compiling them again."""
-    out = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    out = dict(os.environ, XLA_FLAGS=xla_flags(2),
                TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
