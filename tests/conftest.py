@@ -3,7 +3,7 @@
 import os
 
 # Tests compile with LLVM's optimisation level 0: XLA's HLO passes (fusion, layouts, algebraic
-# simplification, sharding) run as usual, so the programs compute the same numbers, but their
+# simplification, sharding) run as usual, so the tests check the same HLO programs; only their
 # machine code is not optimised. A test's program compiles ~4x faster (a one-layer forward +
 # backward with dropout: 7.3 s -> 1.7 s) and tiny shapes barely notice the slower code. Speed
 # is measured by research.benchmark, never here. Child processes get it through `xla_flags`.
