@@ -24,7 +24,7 @@ from research.sweep.sweep_file import load_sweep_file
 from research.sweep.trial_state import effective_status, failure_reason, trainer_alive
 from research.workdir import WorkdirLock
 
-from .conftest import ROOT
+from .conftest import ROOT, xla_flags
 
 SWEEP_FILE = """\
 # comment lines and macros work as in any gin file
@@ -547,7 +547,7 @@ def test_slurm_submits_and_reads_returncode_files(fake, monkeypatch, capsys):
 
 def test_two_trial_sweep_through_research_train(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(1))
     root = tmp_path / "sweep"
     args = ["run", "--gin_file=configs/models/gpt_tiny.gin", "--gin_file=configs/runs/pretrain_causal.gin",
             "--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=16", "--gin.EVAL_DATA=None",
