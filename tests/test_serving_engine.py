@@ -451,10 +451,12 @@ def test_a_request_whose_detokenizer_raises_fails_alone(mp):
     """A request whose own text cannot be made (its decode raises, as SentencePiece does on an
     out-of-range id) ends with 'error' and frees its slot; the requests decoding beside it in
     the same steps get exactly the tokens they get without it."""
-    poison = 99  # in the bad request's prompt; decoding it with any generated token raises
+    poison = 99  # in the bad request's prompt; decoding its third generated token raises
+    active_when_raised = []
 
     def decode(ids):
-        if poison in ids and len(ids) > len(bad_prompt):
+        if poison in ids and len(ids) > len(bad_prompt) + 2:
+            active_when_raised.append(eng.stats()["active"])
             raise IndexError("piece id is out of range")
         return letters(ids)
 
@@ -468,6 +470,7 @@ def test_a_request_whose_detokenizer_raises_fails_alone(mp):
         bad = eng.submit(bad_prompt, SamplingParams(max_tokens=12, seed=5))
         beside = [eng.submit(p, s) for p, s in good]
         assert bad.result(TIMEOUT)[2] == "error" and isinstance(bad.error, IndexError)
+        assert active_when_raised == [3]  # it failed while the other two were decoding
         assert [h.result(TIMEOUT) for h in beside] == alone
         assert [reason for _, _, reason in alone] == ["length", "length"]
         assert eng.stats() == {"active": 0, "queued": 0, "capacity": 4}
