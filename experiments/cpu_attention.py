@@ -11,7 +11,8 @@ are PyTorch's `scaled_dot_product_attention` (what HF's models run with `attn_im
 float32 with autograd. No dropout, no padding mask. The three are timed interleaved in one
 process (one call of each, again), so a host that speeds up or slows down affects all alike;
 each figure is the median. q, k, v and the output cotangent are the same numbers for all three,
-and the outputs and gradients are checked against the PyTorch math's before timing.
+and the outputs and gradients are checked against the PyTorch math's before timing. GFLOP/s
+counts the six full [T, T] x H products (two forward, four backward), also when causal.
 
 Like research.benchmark, the script re-executes itself once with huge-page malloc
 (research.training.hugepages) and gives PyTorch as many threads as JAX's CPU client uses.
