@@ -25,7 +25,7 @@ from research.objectives.bert_pretraining import BertPretrainingObjective
 from research.models.transformer import TransformerConfig
 from research.objectives.causal_lm import CausalLMObjective
 
-from .conftest import ROOT, causal_block_elements, env_without_hugepage_settings
+from .conftest import ROOT, causal_block_elements, env_without_hugepage_settings, xla_flags
 
 
 def test_flops_hand_count():
@@ -185,7 +185,7 @@ def test_benchmark_table_script_prints_the_readme_table(tmp_path):
     pytest.importorskip("transformers")
     # One CPU device; LLVM optimization level 0 compiles each run's programs ~3x faster (the
     # table's shape and the configured settings are checked here, not its speed).
-    env = env_without_hugepage_settings(XLA_FLAGS="--xla_backend_optimization_level=0",
+    env = env_without_hugepage_settings(XLA_FLAGS=xla_flags(),
                                         JAX_PLATFORMS="cpu", PYTHON=sys.executable,
                                         BENCHMARK_TABLE_DIR=str(tmp_path))
     tiny = ["--gin.TransformerConfig.num_layers=1", "--gin.TransformerConfig.d_model=32",
