@@ -25,6 +25,7 @@ from research.training.setup import build_setup, check_batch_size
 from research.training.steps import make_train_step
 
 from .conftest import ROOT, austen_paragraphs, xla_flags
+from .test_metrics_writer import read_with_tensorflow
 
 TINY = TransformerConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
                          max_len=64, dropout_rate=0.1, vocab_multiple=8)
@@ -183,7 +184,11 @@ def test_cli_writes_the_run_directory(trained_workdir):
     assert sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
     config = (w / "config.gin").read_text()
     assert "TRAIN_STEPS = 8" in config and "TransformerConfig.d_model = 64" in config
-    assert list((w / "tensorboard").iterdir())
+    # TensorBoard holds every logged metric at its step, as metrics.jsonl (float32 there).
+    events, = (w / "tensorboard").iterdir()
+    board = read_with_tensorflow(str(events))
+    assert board == {(m["step"], k): pytest.approx(v, rel=1e-6)
+                     for m in metrics for k, v in m.items() if k != "step"}
     assert json.loads((w / "run.json").read_text())["objective"] == "causal_lm"
     final = json.loads((w / "final.json").read_text())  # the completion marker research.sweep reads
     assert final["step"] == final["num_steps"] == 8
