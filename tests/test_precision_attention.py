@@ -2,6 +2,7 @@
 remat offloading: what each setting really does to dtypes, numerics and errors."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -224,6 +225,26 @@ def attention_case(causal, **overrides):
     return cfg, random_params(abstract, std=0.2), toks, seg, pos
 
 
+@functools.lru_cache(maxsize=None)
+def one_block_float32(causal, kv_heads):
+    """(cfg, params, output, grads) of attention_case(causal, kv_heads) in float32 with one
+    query block: the reference several tests compare with, computed once per process."""
+    cfg, params, toks, seg, pos = attention_case(causal, num_kv_heads=kv_heads, dtype="float32",
+                                                 attention_query_blocks=1)
+    return (cfg, params, *forward_and_grads(cfg, params, toks, seg, pos))
+
+
+def reference_for(cfg, params):
+    """`one_block_float32` for `cfg` made float32 with one query block, after checking that
+    its parameters are `params` (attention_case's parameters do not depend on the dtype or the
+    blocks)."""
+    ref_cfg, ref_params, out, grads = one_block_float32(cfg.causal, cfg.kv_heads)
+    assert dataclasses.replace(cfg, dtype="float32", attention_query_blocks=1) == ref_cfg
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
+                                                    jax.tree.leaves(ref_params)))
+    return out, grads
+
+
 def rel_err(a, b):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -246,7 +267,8 @@ def test_default_attention_equals_jax_xla_attention(causal, kv_heads, dtype):
     cfg, params, toks, seg, pos = attention_case(causal, num_kv_heads=kv_heads, dtype=dtype,
                                                  attention_query_blocks=1)
     assert select_impl(cfg, q_len=16, kv_len=16, decode=False, dropout=False) == "einsum"
-    ours, g_ours = forward_and_grads(cfg, params, toks, seg, pos)
+    ours, g_ours = (reference_for(cfg, params) if dtype == "float32"
+                    else forward_and_grads(cfg, params, toks, seg, pos))
     jaxs, g_jax = forward_and_grads(dataclasses.replace(cfg, attention_impl="xla"), params,
                                     toks, seg, pos)
     assert ours.dtype == jaxs.dtype == jnp.dtype(dtype)
@@ -256,8 +278,7 @@ def test_default_attention_equals_jax_xla_attention(causal, kv_heads, dtype):
         for path, a, b in zip(paths, jax.tree.leaves(g_ours), jax.tree.leaves(g_jax)):
             assert rel_err(a, b) < 1e-5, path
         return
-    exact, g_exact = forward_and_grads(dataclasses.replace(cfg, dtype="float32"), params, toks,
-                                       seg, pos)
+    exact, g_exact = reference_for(cfg, params)
     one_rounding = 2.0 ** -8
     assert rel_err(ours, exact) <= rel_err(jaxs, exact) + one_rounding
     for path, a, b, ref in zip(paths, jax.tree.leaves(g_ours), jax.tree.leaves(g_jax),
@@ -288,8 +309,7 @@ def test_causal_query_blocks_equal_one_block(blocks, kv_heads):
     cfg, params, toks, seg, pos = attention_case(True, num_kv_heads=kv_heads,
                                                  attention_query_blocks=blocks)
     blocked, g_blocked = forward_and_grads(cfg, params, toks, seg, pos)
-    one, g_one = forward_and_grads(dataclasses.replace(cfg, attention_query_blocks=1), params,
-                                   toks, seg, pos)
+    one, g_one = reference_for(cfg, params)
     assert rel_err(blocked, one) < 1e-5
     flat = jax.tree_util.tree_flatten_with_path(g_blocked)[0]
     for (path, a), b in zip(flat, jax.tree.leaves(g_one)):
