@@ -33,7 +33,8 @@ def read_with_tensorflow(path):
 
     out, first = {}, None
     for event in tf.compat.v1.train.summary_iterator(path):
-        first = first or event
+        if first is None:
+            first = event
         for value in event.summary.value:
             assert value.metadata.plugin_data.plugin_name == "scalars"
             array = tensor_util.make_ndarray(value.tensor)

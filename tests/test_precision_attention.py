@@ -240,6 +240,7 @@ def reference_for(cfg, params):
     blocks)."""
     ref_cfg, ref_params, out, grads = one_block_float32(cfg.causal, cfg.kv_heads)
     assert dataclasses.replace(cfg, dtype="float32", attention_query_blocks=1) == ref_cfg
+    assert jax.tree.structure(params) == jax.tree.structure(ref_params)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
                                                     jax.tree.leaves(ref_params)))
     return out, grads
