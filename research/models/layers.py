@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from research.models.projection_dot import dense_dot_general, projection_dot
 from research.models.transformer_config import TransformerConfig
 
 Array = jax.Array
@@ -60,9 +61,8 @@ class Projection(nn.Module):
         in_shape = x.shape[x.ndim - self.in_dims:]
         kernel = self.param("kernel", normal_init(cfg.init_std, self.axes),
                             in_shape + tuple(self.features), cfg.params_dtype)
-        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
-        out = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
-                                  (contract, ((), ())))
+        out = projection_dot(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
+                             self.in_dims)
         if cfg.use_bias if self.bias is None else self.bias:
             bias = self.param("bias", zeros_init(self.axes[self.in_dims:]), tuple(self.features),
                               cfg.params_dtype)
@@ -179,7 +179,7 @@ class Mlp(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         dense = functools.partial(nn.Dense, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                                  use_bias=cfg.use_bias)
+                                  use_bias=cfg.use_bias, dot_general=dense_dot_general)
         up = functools.partial(dense, cfg.mlp_dim,
                                kernel_init=normal_init(cfg.init_std, ("embed", "mlp")),
                                bias_init=zeros_init(("mlp",)))
