@@ -137,3 +137,21 @@ def test_cpu_weight_gradient_copies_only_the_smaller_operand(x_shape, kernel_sha
                   and elements(line) >= larger]
     assert not transposed_dots, transposed_dots
     assert not big_copies, big_copies
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA:CPU's HLO")
+@pytest.mark.parametrize("x_shape,kernel_shape,in_dims", [((4, 16, 32), (32, 4, 8), 1),
+                                                          ((4, 16, 4, 8), (4, 8, 32), 2)],
+                         ids=["qkv_projection", "attention_output"])
+def test_cpu_backward_does_not_copy_a_multi_dim_kernel(x_shape, kernel_shape, in_dims):
+    """The input gradient contracts a multi-dim kernel's feature dims; as matrices, XLA:CPU
+    takes the kernel as it is (for the N-D product it copied it, transposed)."""
+    assert projection_dot_module.transposed_weight_grads()
+    x, kernel = jnp.ones(x_shape), jnp.ones(kernel_shape)
+    grad = jax.jit(jax.grad(lambda a, b: jnp.sum(projection_dot(a, b, in_dims) ** 2),
+                            argnums=(0, 1)))
+    text = grad.lower(x, kernel).compile().as_text()
+    entry = [line for line in text[text.index("\nENTRY"):].splitlines() if " = " in line]
+    kernel_copies = [line for line in entry if re.search(r"%\S*(copy|transpose)\S* = ", line)
+                     and elements(line) == int(np.prod(kernel_shape))]
+    assert not kernel_copies, kernel_copies
