@@ -14,7 +14,7 @@ than as a YNNPACK fusion (the MLP output projection). Here the smaller of x and 
 explicitly, behind an `optimization_barrier` so that XLA does not fold the transpose back into
 the product, and the product is in canonical form. The backward works on the operands reshaped
 to matrices, which also spares the copy XLA made of a multi-dim kernel (q's [D, N, H]) for the
-input gradient. On the 2-core CPU this took gpt_small's and bert_base's train steps 7-9% faster
+input gradient. On the 2-core CPU this took gpt_small's and bert_base's train steps 6-9% faster
 (in-process A/B; README, Performance).
 
 GPU and TPU compilers pick operand layouts well on their own, so there it is the plain product.
