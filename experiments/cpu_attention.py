@@ -1,12 +1,12 @@
 """Attention alone on the CPU: forward + backward of one layer's attention, ours against PyTorch.
 
   python experiments/cpu_attention.py [--batch 8] [--seq 256] [--heads 12] [--head_dim 64]
-      [--causal] [--reps 9]
+      [--causal] [--query_blocks N] [--reps 9]
 
 Ours is the kernel a CPU train step runs (research.models.attention_select): the einsum
-softmax attention computed heads-major (`attention.heads_major_attention`), in
-`CPU_QUERY_BLOCKS` query blocks when causal, float32, one jitted forward + backward. The peers
-are PyTorch's `scaled_dot_product_attention` (what HF's models run with `attn_implementation=
+softmax attention computed heads-major (`attention.heads_major_attention`), in query blocks
+when causal (as many as a CPU train step uses at that length, `attention_select.query_blocks`,
+unless --query_blocks says), float32, one jitted forward + backward. The peers are PyTorch's `scaled_dot_product_attention` (what HF's models run with `attn_implementation=
 'sdpa'`: on CPU a fused, blocked kernel) and the unfused math (matmul, softmax, matmul), both
 float32 with autograd. No dropout, no padding mask. The three are timed interleaved in one
 process (one call of each, again), so a host that speeds up or slows down affects all alike;
@@ -39,19 +39,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--causal", action="store_true", help="causal attention (GPT); default BERT's")
+    p.add_argument("--query_blocks", type=int, default=None,
+                   help="query blocks of the causal kernel (default: what a CPU train step uses "
+                        "at this length, research.models.attention_select.query_blocks)")
     p.add_argument("--reps", type=int, default=9, help="timed calls of each (default 9)")
     return p.parse_args(argv)
 
 
-def ours(mask, causal: bool):
-    """Our CPU kernel's forward + backward, jitted: (q, k, v, g) -> (out, (dq, dk, dv)); all
-    [B, T, N, H]."""
+def ours(mask, blocks: int):
+    """Our CPU kernel's forward + backward in `blocks` query blocks, jitted: (q, k, v, g) ->
+    (out, (dq, dk, dv)); all [B, T, N, H]."""
     import jax
 
     from research.models.attention import heads_major_attention
-    from research.models.attention_select import CPU_QUERY_BLOCKS
-
-    blocks = CPU_QUERY_BLOCKS if causal else 1
 
     def step(q, k, v, g):
         out, vjp = jax.vjp(lambda q, k, v: heads_major_attention(q, k, v, mask, blocks), q, k, v)
@@ -90,13 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from research.models.attention import attention_mask
+    from research.models.attention_select import query_blocks
+    from research.models.transformer_config import TransformerConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
     b, t, n, h = args.batch, args.seq, args.heads, args.head_dim
     rng = np.random.default_rng(0)
     host = [rng.standard_normal((b, t, n, h)).astype(np.float32) for _ in range(4)]
     segments = jnp.ones((b, t), jnp.int32)
-    ours_step = ours(attention_mask(segments, segments, args.causal), args.causal)
+    blocks = 1
+    if args.causal:
+        blocks = args.query_blocks or query_blocks(TransformerConfig(), t, "cpu")
+    ours_step = ours(attention_mask(segments, segments, args.causal), blocks)
     jax_args = [jnp.asarray(x) for x in host]
     torch_args = [torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))) for x in host]
     peers = torch_kernels(args.causal, h)
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     medians = {name: float(np.median(ts)) for name, ts in times.items()}
     flops = 6 * 2 * b * n * t * t * h  # six [T,T] x H products: 2 forward, 4 backward
     print(f"attention forward + backward, float32, B{b} x T{t}, {n} heads x {h}, "
-          f"{'causal' if args.causal else 'bidirectional'}, {os.cpu_count()} CPU threads, "
+          f"{f'causal ({blocks} query blocks)' if args.causal else 'bidirectional'}, "
+          f"{os.cpu_count()} CPU threads, "
           f"median of {args.reps}{', huge-page malloc' if hugepages.active() else ''}")
     print("| kernel | ms | GFLOP/s (6 products) | ours ms / this ms | max abs diff vs torch math |")
     print("|---|---|---|---|---|")
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {s * 1e3:.1f} | {flops / s / 1e9:.1f} | {medians['ours'] / s:.2f}x "
               f"| {error} |")
     print(json.dumps({"batch": b, "seq": t, "heads": n, "head_dim": h, "causal": args.causal,
-                      "reps": args.reps, "median_s": medians, "max_abs_diff": errors}))
+                      "query_blocks": blocks, "reps": args.reps, "median_s": medians, "max_abs_diff": errors}))
     return 0
 
 

@@ -148,11 +148,15 @@ def test_cudnn_dropout_switch_sends_attention_dropout_to_cudnn(monkeypatch):
 
 
 def test_query_blocks_only_on_cpu_by_default():
+    """None: isqrt(T / 64) blocks on CPU (the measured best at 256, 512 and 1024 tokens), one
+    elsewhere; a configured number holds on every backend and length."""
     cfg = TransformerConfig()
     assert cfg.attention_query_blocks is None
-    assert query_blocks(cfg, "cpu") == 4
-    assert query_blocks(cfg, "gpu") == query_blocks(cfg, "tpu") == 1
-    assert query_blocks(dataclasses.replace(cfg, attention_query_blocks=2), "gpu") == 2
+    expected = {16: 1, 128: 1, 255: 1, 256: 2, 512: 2, 575: 2, 576: 3, 1024: 4, 2048: 5, 4096: 8}
+    assert {t: query_blocks(cfg, t, "cpu") for t in expected} == expected
+    assert all(query_blocks(cfg, t, b) == 1 for t in expected for b in ("gpu", "tpu"))
+    fixed = dataclasses.replace(cfg, attention_query_blocks=3)
+    assert {query_blocks(fixed, t, b) for t in (16, 4096) for b in ("cpu", "gpu")} == {3}
 
 
 def test_auto_dtype_is_bf16_on_accelerators_only():

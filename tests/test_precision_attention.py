@@ -152,7 +152,7 @@ def test_mixed_precision_has_fp32_state_and_bf16_matmuls():
     dots = dot_generals(jaxpr.jaxpr)
     # per layer q, k, v, out, wi, wo and, per causal query block, scores = q.k and probs @ v;
     # plus the tied output projection
-    layers, blocks = setup.cfg.num_layers, query_blocks(setup.cfg)
+    layers, blocks = setup.cfg.num_layers, query_blocks(setup.cfg, SEQ)
     assert len(dots) == (6 + 2 * blocks) * layers + 1
     assert all(d[:2] == (jnp.bfloat16, jnp.bfloat16) for d in dots), dots
     scores = [d for d in dots if d[2] == jnp.float32]
@@ -369,6 +369,28 @@ def test_query_blocks_apply_only_to_causal_self_attention():
     for bad in (0, 2.0):
         with pytest.raises(ConfigError, match="attention_query_blocks must be an integer >= 1"):
             TransformerConfig(attention_query_blocks=bad)
+
+
+@pytest.mark.parametrize("seq", [128, 256, 1024])
+def test_default_query_blocks_follow_the_length_on_cpu(seq):
+    """With attention_query_blocks=None a causal model on CPU scores its queries in
+    query_blocks(cfg, T) blocks (1, 2 and 4 here): the score products cover exactly those
+    blocks' causal prefixes."""
+    assert jax.default_backend() == "cpu"
+    cfg = TransformerConfig(**{**SMALL, "max_len": seq, "causal": True})
+    toks = jnp.zeros((1, seq), jnp.int32)
+    seg, pos = jnp.ones((1, seq), jnp.int32), jnp.arange(seq)[None]
+    stack = TransformerStack(cfg)
+    params = jax.eval_shape(lambda: stack.init(jax.random.key(0), toks, segment_ids=seg,
+                                               positions=pos)["params"])
+    jaxpr = jax.make_jaxpr(lambda p: stack.apply({"params": p}, toks, segment_ids=seg,
+                                                 positions=pos))(params)
+    scores = [d[3] for d in dot_generals(jaxpr.jaxpr) if d[2] == jnp.float32 and len(d[3]) == 4
+              and d[3][-1] != cfg.dim_per_head]
+    blocks = query_blocks(cfg, seq)
+    assert blocks == max(1, int(np.sqrt(seq // 64)))
+    assert len(scores) == blocks
+    assert sum(np.prod(s) for s in scores) == cfg.num_heads * causal_block_elements(seq, blocks)
 
 
 def test_explicit_softmax_path_matches_fused_attention_causal_packed():

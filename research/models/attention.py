@@ -258,7 +258,7 @@ class Attention(nn.Module):
             if decode:
                 key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
             return jax.nn.dot_product_attention(q, key, value, mask=mask, implementation="xla")
-        blocks = query_blocks(cfg) if cfg.causal and not decode else 1
+        blocks = query_blocks(cfg, q.shape[1]) if cfg.causal and not decode else 1
         if not decode and einsum_heads_major():
             return heads_major_attention(q, key, value, mask, blocks, dropout)
         if blocks > 1:

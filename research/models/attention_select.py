@@ -17,12 +17,23 @@ mode: slow, for tests). 'xla', 'splash' and 'cudnn' run no attention dropout, so
 dropout in training runs the einsum kernel for them.
 
 Query blocks (`attention_query_blocks`, causal einsum attention split into query blocks that
-skip the masked keys) were measured to help on the CPU only (gpt_small step 4.37 -> 4.06 s on 2
-cores); None (the default) means 4 blocks on CPU and 1 elsewhere, where XLA's fused kernels
-gain nothing from the split.
+skip the masked keys) were measured to help on the CPU only. None (the default) means
+`isqrt(seq_len / 64)` blocks on CPU (at least 1: 2 at 256 tokens, 4 at 1024) and 1 block
+elsewhere, where XLA's fused kernels gain nothing from the split. The skipped score work grows
+as T^2 (1/2 - 1/(2 blocks) of it), while each block costs slices of K/V and pads of their
+gradients, which grow as T, so the best count grows as sqrt(T). Measured: gpt_small train step
+on the 2-core CPU, in-process A/B, dropout 0, medians of 4-10 steps:
+
+| tokens (batch) | 1 block | 2 | 4 | 8 | 16 |
+|---|---|---|---|---|---|
+| 256 (8) | 13.92 s | **12.95 s**, 12.63 s | 14.61 s, 13.25 s | | |
+| 512 (4) | | 13.86 s | **13.66 s** | 15.08 s | |
+| 1024 (2) | | | **16.08 s** | 16.66 s | 19.85 s |
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 
@@ -30,7 +41,7 @@ from research.errors import ConfigError
 from research.models import attention_cudnn
 from research.models.transformer_config import TransformerConfig
 
-CPU_QUERY_BLOCKS = 4
+CPU_QUERY_BLOCK_SCALE = 64  # CPU query blocks: isqrt(seq_len / 64)
 
 
 def einsum_heads_major(backend: str | None = None) -> bool:
@@ -43,11 +54,14 @@ def einsum_heads_major(backend: str | None = None) -> bool:
     return (backend or jax.default_backend()) == "cpu"
 
 
-def query_blocks(cfg: TransformerConfig, backend: str | None = None) -> int:
-    """Query blocks for causal einsum attention: the configured number, or 4 on CPU, 1 elsewhere."""
+def query_blocks(cfg: TransformerConfig, seq_len: int, backend: str | None = None) -> int:
+    """Query blocks for causal einsum attention over `seq_len` queries: the configured number,
+    or on CPU `isqrt(seq_len // CPU_QUERY_BLOCK_SCALE)` (at least 1), 1 elsewhere."""
     if cfg.attention_query_blocks is not None:
         return cfg.attention_query_blocks
-    return CPU_QUERY_BLOCKS if (backend or jax.default_backend()) == "cpu" else 1
+    if (backend or jax.default_backend()) != "cpu":
+        return 1
+    return max(1, math.isqrt(seq_len // CPU_QUERY_BLOCK_SCALE))
 
 
 def select_impl(cfg: TransformerConfig, *, q_len: int, kv_len: int, decode: bool,

@@ -89,7 +89,8 @@ class TransformerConfig:
     attention_impl: str | None = "auto"
     # causal self-attention through the einsum kernel runs in this many query blocks, each
     # attending only the keys up to its last query (1 = one block; KV-cache decoding always uses
-    # one); None: 4 on CPU, where it was measured to help, 1 elsewhere
+    # one); None: on CPU, where it was measured to help, isqrt(seq_len / 64) blocks (2 at 256
+    # tokens, 4 at 1024), 1 elsewhere
     attention_query_blocks: int | None = None
     # random bits per dropout decision: 16 (two per threefry word) or 32; None: 16 on CPU, where
     # halving the bits was measured to help, 32 elsewhere
