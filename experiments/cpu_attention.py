@@ -6,9 +6,9 @@
 Ours is the kernel a CPU train step runs (research.models.attention_select): the einsum
 softmax attention computed heads-major (`attention.heads_major_attention`), in query blocks
 when causal (as many as a CPU train step uses at that length, `attention_select.query_blocks`,
-unless --query_blocks says), float32, one jitted forward + backward. The peers are PyTorch's `scaled_dot_product_attention` (what HF's models run with `attn_implementation=
-'sdpa'`: on CPU a fused, blocked kernel) and the unfused math (matmul, softmax, matmul), both
-float32 with autograd. No dropout, no padding mask. The three are timed interleaved in one
+unless --query_blocks says), float32, one jitted forward + backward. The peers are PyTorch's
+`scaled_dot_product_attention` (what HF's models run with `attn_implementation='sdpa'`: on CPU
+a fused, blocked kernel) and the unfused math (matmul, softmax, matmul), both float32 with autograd. No dropout, no padding mask. The three are timed interleaved in one
 process (one call of each, again), so a host that speeds up or slows down affects all alike;
 each figure is the median. q, k, v and the output cotangent are the same numbers for all three,
 and the outputs and gradients are checked against the PyTorch math's before timing. GFLOP/s
