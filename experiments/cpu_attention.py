@@ -8,8 +8,9 @@ softmax attention computed heads-major (`attention.heads_major_attention`), in q
 when causal (as many as a CPU train step uses at that length, `attention_select.query_blocks`,
 unless --query_blocks says), float32, one jitted forward + backward. The peers are PyTorch's
 `scaled_dot_product_attention` (what HF's models run with `attn_implementation='sdpa'`: on CPU
-a fused, blocked kernel) and the unfused math (matmul, softmax, matmul), both float32 with autograd. No dropout, no padding mask. The three are timed interleaved in one
-process (one call of each, again), so a host that speeds up or slows down affects all alike;
+a fused, blocked kernel) and the unfused math (matmul, softmax, matmul), both float32 with
+autograd. No dropout, no padding mask. The three are timed interleaved in one process (one
+call of each, again), so a host that speeds up or slows down affects all alike;
 each figure is the median. q, k, v and the output cotangent are the same numbers for all three,
 and the outputs and gradients are checked against the PyTorch math's before timing. GFLOP/s
 counts the six full [T, T] x H products (two forward, four backward), also when causal.
