@@ -16,9 +16,10 @@ from .conftest import ROOT, env_without_hugepage_settings, xla_flags
 def test_cpu_attention_matches_torch_and_prints_its_table(causal):
     pytest.importorskip("torch")
     args = ["--batch", "2", "--seq", "48", "--heads", "3", "--head_dim", "8", "--reps", "2"]
-    proc = subprocess.run([sys.executable, "experiments/cpu_attention.py", *args,
-                           *(["--causal", "--query_blocks", "4"] if causal else [])], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300,
+    if causal:
+        args += ["--causal", "--query_blocks", "4"]
+    proc = subprocess.run([sys.executable, "experiments/cpu_attention.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
                           env=env_without_hugepage_settings(XLA_FLAGS=xla_flags(1),
                                                             JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -22,7 +22,8 @@ skip the masked keys) were measured to help on the CPU only. None (the default) 
 elsewhere, where XLA's fused kernels gain nothing from the split. The skipped score work grows
 as T^2 (1/2 - 1/(2 blocks) of it), while each block costs slices of K/V and pads of their
 gradients, which grow as T, so the best count grows as sqrt(T). Measured: gpt_small train step
-on the 2-core CPU, in-process A/B, dropout 0, medians of 4-10 steps:
+on the 2-core CPU, in-process A/B, dropout 0, medians of 4-10 steps (at 256 tokens two runs:
+1/2/4 blocks, then 2/4 blocks with 10 steps each):
 
 | tokens (batch) | 1 block | 2 | 4 | 8 | 16 |
 |---|---|---|---|---|---|
