@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {s * 1e3:.1f} | {flops / s / 1e9:.1f} | {medians['ours'] / s:.2f}x "
               f"| {error} |")
     print(json.dumps({"batch": b, "seq": t, "heads": n, "head_dim": h, "causal": args.causal,
-                      "query_blocks": blocks, "reps": args.reps, "median_s": medians, "max_abs_diff": errors}))
+                      "query_blocks": blocks, "reps": args.reps, "median_s": medians,
+                      "max_abs_diff": errors}))
     return 0
 
 
