@@ -15,8 +15,9 @@ device's peak, peak memory and the compile time; the last line is one JSON objec
 numbers.
 
 Like research.train it re-executes itself once with huge-page malloc on Linux
-(research/training/hugepages.py; RESEARCH_HUGEPAGES=0 turns it off); the JSON says which
-(`host_malloc_hugepages`). So that this happens before JAX is loaded, JAX, torch and the
+(research/training/hugepages.py; RESEARCH_HUGEPAGES=0 turns it off, =keep also keeps freed
+memory in malloc's heap); the JSON says which (`host_malloc_hugepages`,
+`host_malloc_keeps_heap`). So that this happens before JAX is loaded, JAX, torch and the
 research modules that import JAX are imported inside the functions that use them.
 On the CPU it runs with --xla_cpu_enable_concurrency_optimized_scheduler=false, as
 research.train does (research.config.prepare_cpu_xla_flags); the JSON's `xla_flags` has the
@@ -246,6 +247,7 @@ def run_ours(run: dict, steps: int, warmup: int, seed: int,
         "mfu": model_flops / step_time / (peak * n_dev),
         "peak_memory_bytes": memory, "peak_memory_source": memory_source,
         "compile_time_s": compile_s, "host_malloc_hugepages": hugepages.active(),
+        "host_malloc_keeps_heap": hugepages.keeps_heap(),
         "jax_gpu_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true"),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "final_loss": float(loss[0]) / max(float(loss[1]), 1e-12),
@@ -354,8 +356,10 @@ def print_result(result: dict, cfg: Any) -> None:
           f"F={cfg.mlp_dim} V={cfg.vocab_size} ({result['params'] / 1e6:.1f}M params), "
           f"batch {result['batch_size']} x seq {result['seq_len']}, {cfg.dtype}")
     print(f"devices: {result['devices']} x {result['device_kind']}, mesh {result['mesh']}")
-    print(f"host malloc:         {'transparent huge pages' if result['host_malloc_hugepages'] else '4 KiB pages'} "
-          f"(research.training.hugepages; RESEARCH_HUGEPAGES=0 turns it off)")
+    pages = "transparent huge pages" if result["host_malloc_hugepages"] else "4 KiB pages"
+    kept = ", freed memory kept" if result["host_malloc_keeps_heap"] else ""
+    print(f"host malloc:         {pages}{kept} (research.training.hugepages; "
+          f"RESEARCH_HUGEPAGES=0 off, =keep keeps freed memory)")
     print(f"compile time:        {result['compile_time_s']:.2f} s")
     print(f"step time:           {result['step_time_s'] * 1e3:.1f} ms (median of {result['steps']}, "
           f"{result.get('timing', 'blocking')}; "

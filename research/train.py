@@ -19,7 +19,8 @@ protect its work (NaN/Inf loss, failed checkpoint save) with exit 1.
 
 On Linux the process re-executes itself once with huge-page malloc
 (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; ~1.6x faster CPU steps); RESEARCH_HUGEPAGES=0 turns
-that off (research/training/hugepages.py). CPU runs also get
+that off, RESEARCH_HUGEPAGES=keep also keeps freed memory in malloc's heap (CPU steps ~13%
+faster again, peak memory up to 2x; research/training/hugepages.py). CPU runs also get
 --xla_cpu_enable_concurrency_optimized_scheduler=false in XLA_FLAGS unless XLA_FLAGS names that
 flag (less memory per step; research.config.prepare_cpu_xla_flags).
 """

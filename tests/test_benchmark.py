@@ -116,6 +116,7 @@ def test_benchmark_cli_gpt_tiny(tmp_path):
     # `python -m research.benchmark` re-executes itself with huge-page malloc where the system
     # offers it (research.training.hugepages) and says so.
     assert result["host_malloc_hugepages"] is hugepages.supported()
+    assert result["host_malloc_keeps_heap"] is False  # RESEARCH_HUGEPAGES=keep is opt-in
     # research.config.prepare_backend_flags turned XLA:CPU's concurrency-optimized scheduler off.
     assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in result["xla_flags"]
     # --profile_steps=1:2: a jax.profiler trace of the second timed step in --profile_dir.

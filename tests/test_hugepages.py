@@ -8,11 +8,13 @@ import sys
 
 import pytest
 
+from research.errors import ConfigError
 from research.training import hugepages
 
 from .conftest import ROOT, env_without_hugepage_settings
 
 TUNABLE = "glibc.malloc.hugetlb=1"
+KEEP = TUNABLE + ":glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=" + str(1 << 40)
 
 
 @pytest.mark.parametrize("env,platform,glibc,thp,expected", [
@@ -26,6 +28,10 @@ TUNABLE = "glibc.malloc.hugetlb=1"
     ({}, "linux", None, "madvise", None),  # musl or another libc
     ({}, "darwin", (2, 36), "madvise", None),
     ({"RESEARCH_HUGEPAGES": "0"}, "linux", (2, 36), "madvise", None),
+    ({"RESEARCH_HUGEPAGES": "1"}, "linux", (2, 36), "madvise", TUNABLE),
+    ({"RESEARCH_HUGEPAGES": "keep"}, "linux", (2, 36), "madvise", KEEP),
+    ({"RESEARCH_HUGEPAGES": "Keep"}, "linux", (2, 36), "always", KEEP),
+    ({"RESEARCH_HUGEPAGES": "keep"}, "linux", (2, 36), "never", None),
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "linux", (2, 36), "madvise", None),
 ])
 def test_hugepage_env_decision(env, platform, glibc, thp, expected):
@@ -34,6 +40,16 @@ def test_hugepage_env_decision(env, platform, glibc, thp, expected):
         assert out is None
     else:
         assert out["GLIBC_TUNABLES"] == expected and out["PATH"] == "/bin"
+
+
+def test_a_misspelt_mode_is_one_error_line():
+    with pytest.raises(ConfigError, match="RESEARCH_HUGEPAGES='kept' is not one of 1, 0, keep"):
+        hugepages.hugepage_env({"RESEARCH_HUGEPAGES": "kept"}, "linux", (2, 36), "madvise")
+    proc = subprocess.run([sys.executable, "-m", "research.training.hugepages"], cwd=ROOT,
+                          env=env_without_hugepage_settings(RESEARCH_HUGEPAGES="kept"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: RESEARCH_HUGEPAGES='kept'") and "Traceback" not in proc.stderr
 
 
 def test_no_reexec_when_an_accelerator_runs_the_step(tmp_path):
@@ -85,3 +101,22 @@ def test_opt_out_leaves_malloc_alone():
     if hugepages.supported():  # the kernel would give huge pages only when asked (THP mode madvise)
         if hugepages.thp_mode() == "madvise":
             assert "AnonHugePages after a 64 MiB malloc: 0 bytes" in out
+
+
+def _kept_after_free(out: str) -> list[int]:
+    """Bytes resident after the free on the main thread and on a worker thread."""
+    return [int(b) for b in re.findall(r"resident after its free: (\d+) bytes", out)]
+
+
+def test_keep_mode_keeps_freed_memory_resident():
+    """RESEARCH_HUGEPAGES=keep: a freed 64 MiB malloc stays in the heap (resident, so the next
+    one reuses its pages), on the main thread and on a worker thread (XLA frees its temporaries
+    on worker threads); by default malloc maps such a buffer on its own and unmaps it."""
+    default, keep = _run_module({}), _run_module({"RESEARCH_HUGEPAGES": "keep"})
+    assert "freed memory kept in the heap: off" in default
+    assert len(_kept_after_free(default)) == 2, default
+    assert all(b < 1 << 20 for b in _kept_after_free(default)), default
+    if hugepages.supported():
+        assert "freed memory kept in the heap: on" in keep and KEEP in keep
+        assert all(b >= 60 << 20 for b in _kept_after_free(keep)), keep  # on both threads
+        assert "huge-page malloc: on" in keep and "(args ['a', '--b=c'])" in keep
