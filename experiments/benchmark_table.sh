@@ -7,7 +7,11 @@
 # Defaults: batch 8 x sequence 256, 2 warm-up + 7 timed steps; later flags override them.
 # Full outputs (with each run's JSON line) go to $BENCHMARK_TABLE_DIR (default
 # runs/benchmark_table). $PYTHON picks the interpreter (default python3).
+# Runs with RESEARCH_HUGEPAGES=keep unless it is set: ours and the peer (one process) both keep
+# freed memory in malloc's heap, so neither side's next step pays for memory the host took back
+# while the other side's step ran (research/training/hugepages.py, README "Performance").
 set -euo pipefail
+export RESEARCH_HUGEPAGES=${RESEARCH_HUGEPAGES:-keep}
 cd "$(dirname "$0")/.."
 OUT=${BENCHMARK_TABLE_DIR:-runs/benchmark_table}
 PY=${PYTHON:-python3}
