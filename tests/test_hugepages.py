@@ -120,3 +120,28 @@ def test_keep_mode_keeps_freed_memory_resident():
         assert "freed memory kept in the heap: on" in keep and KEEP in keep
         assert all(b >= 60 << 20 for b in _kept_after_free(keep)), keep  # on both threads
         assert "huge-page malloc: on" in keep and "(args ['a', '--b=c'])" in keep
+
+
+def _train(tmp_path, mode: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "research.train", "--gin_file=configs/models/gpt_tiny.gin",
+            "--gin_file=configs/runs/pretrain_causal.gin", "--gin.TRAIN_STEPS=2",
+            "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=32", "--gin.EVAL_DATA=None",
+            "--gin.train.progress_bar=False", f"--workdir={tmp_path / 'run'}"]
+    env = env_without_hugepage_settings(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+                                        RESEARCH_HUGEPAGES=mode)
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_train_runs_with_freed_memory_kept(tmp_path):
+    """`RESEARCH_HUGEPAGES=keep python -m research.train` trains and checkpoints as usual (one
+    malloc arena for every thread: data, XLA, orbax); a misspelt mode is one error line."""
+    proc = _train(tmp_path, "keep")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "final.json").exists()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 1
+    bad = _train(tmp_path / "bad", "keeep")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: RESEARCH_HUGEPAGES='keeep' is not one of 1, 0, keep; '1' is the default (huge "
+        "pages), 'keep' also keeps freed memory."]
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
