@@ -145,28 +145,26 @@ def reexec_module(module: str) -> None:
     os.execve(sys.executable, argv, env)
 
 
-def anon_huge_bytes() -> int | None:
-    """Bytes of this process's anonymous memory backed by huge pages (Linux), else None."""
+def _proc_bytes(path: str, field: str) -> int | None:
+    """The `field:` line (in kB) of a /proc file of this process, in bytes; None if absent."""
     try:
-        with open("/proc/self/smaps_rollup") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("AnonHugePages:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def anon_huge_bytes() -> int | None:
+    """Bytes of this process's anonymous memory backed by huge pages (Linux), else None."""
+    return _proc_bytes("/proc/self/smaps_rollup", "AnonHugePages")
 
 
 def resident_bytes() -> int | None:
     """This process's resident memory (VmRSS, Linux), else None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_bytes("/proc/self/status", "VmRSS")
 
 
 def _touched(libc, size: int) -> int:
