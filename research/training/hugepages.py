@@ -89,16 +89,18 @@ def uses_accelerator(env: Mapping[str, str], nodes: tuple[str, ...] = ACCELERATO
 
 def hugepage_env(env: Mapping[str, str], platform: str, glibc: tuple[int, int] | None,
                  thp: str | None, accelerator: bool = False) -> dict[str, str] | None:
-    """The environment to re-execute with, or None when nothing should change. OPT_OUT ('0'
-    off, 'keep' also `KEEP_TUNABLES`, anything else huge pages only) is checked by the caller
-    of this (`mode`) for spelling."""
-    if mode(env) == "0" or TUNABLE in env.get("GLIBC_TUNABLES", ""):
+    """The environment to re-execute with, or None when nothing should change: OPT_OUT '0',
+    a `glibc.malloc.hugetlb` already in GLIBC_TUNABLES (left as it is, with whatever else is
+    there), an accelerator, or a system without THP malloc. OPT_OUT 'keep' adds
+    `KEEP_TUNABLES`; another value than those of `mode` is a ConfigError."""
+    chosen = mode(env)
+    if chosen == "0" or TUNABLE in env.get("GLIBC_TUNABLES", ""):
         return None
     if accelerator:
         return None
     if not system_supports(platform, glibc, thp):
         return None
-    keep = KEEP_TUNABLES if mode(env) == "keep" else ()
+    keep = KEEP_TUNABLES if chosen == "keep" else ()
     tunables = ":".join(t for t in (env.get("GLIBC_TUNABLES", ""), f"{TUNABLE}=1", *keep) if t)
     return {**env, "GLIBC_TUNABLES": tunables}
 
