@@ -123,6 +123,11 @@ def keeps_heap() -> bool:
     return set(KEEP_TUNABLES) <= set(os.environ.get("GLIBC_TUNABLES", "").split(":"))
 
 
+def malloc_settings() -> dict[str, bool]:
+    """This process's malloc, as the benchmark's JSON reports it."""
+    return {"host_malloc_hugepages": active(), "host_malloc_keeps_heap": keeps_heap()}
+
+
 def active() -> bool:
     """Whether this process runs with huge-page malloc."""
     return f"{TUNABLE}=1" in os.environ.get("GLIBC_TUNABLES", "").split(":")
