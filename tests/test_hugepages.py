@@ -14,7 +14,8 @@ from research.training import hugepages
 from .conftest import ROOT, env_without_hugepage_settings
 
 TUNABLE = "glibc.malloc.hugetlb=1"
-KEEP = TUNABLE + ":glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=" + str(1 << 40)
+KEEP = (TUNABLE + ":glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0"
+        f":glibc.malloc.trim_threshold={1 << 40}")
 
 
 @pytest.mark.parametrize("env,platform,glibc,thp,expected", [
@@ -49,7 +50,8 @@ def test_a_misspelt_mode_is_one_error_line():
                           env=env_without_hugepage_settings(RESEARCH_HUGEPAGES="kept"),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.startswith("error: RESEARCH_HUGEPAGES='kept'") and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: RESEARCH_HUGEPAGES='kept'")
+    assert "Traceback" not in proc.stderr
 
 
 def test_no_reexec_when_an_accelerator_runs_the_step(tmp_path):
